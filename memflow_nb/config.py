@@ -1,0 +1,120 @@
+"""Frozen configs: the DiT architecture and the streaming settings.
+
+Every size the engine uses (tokens per frame, heads, head dim, layers) is derived from these
+two dataclasses and the latent resolution; nothing else is hard-coded.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of the causal Wan2.1 DiT (parameter names follow Wan2.1)."""
+
+    dim: int = 1536
+    ffn_dim: int = 8960
+    num_heads: int = 12
+    num_layers: int = 30
+    in_dim: int = 16
+    out_dim: int = 16
+    freq_dim: int = 256
+    text_dim: int = 4096
+    text_len: int = 512
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    eps: float = 1e-6
+    rope_max_positions: int = 1024  # rows of the RoPE table (Wan2.1 trains with 1024)
+
+    def __post_init__(self):
+        if self.dim % self.num_heads:
+            raise ValueError(f"ModelConfig.dim={self.dim} is not divisible by num_heads={self.num_heads}")
+        if (self.dim // self.num_heads) % 2:
+            raise ValueError(f"ModelConfig head dim {self.dim // self.num_heads} must be even (RoPE pairs)")
+        if self.patch_size[0] != 1:
+            raise ValueError("ModelConfig.patch_size[0] must be 1: the causal cache works per latent frame")
+        object.__setattr__(self, "patch_size", tuple(int(p) for p in self.patch_size))
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    @classmethod
+    def from_name(cls, name: str) -> "ModelConfig":
+        """A named preset: 'wan2.1-t2v-1.3b' (MemFlow's backbone) or 'tiny' (random-weight CPU model)."""
+        try:
+            return MODEL_PRESETS[name]
+        except KeyError:
+            raise ValueError(f"unknown model preset {name!r}; known: {sorted(MODEL_PRESETS)}") from None
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        """Build from a Wan-style config dict (extra keys such as model_type are ignored)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: v for k, v in d.items() if k in names}
+        if "patch_size" in kw:
+            kw["patch_size"] = tuple(kw["patch_size"])
+        return cls(**kw)
+
+
+MODEL_PRESETS = {
+    "wan2.1-t2v-1.3b": ModelConfig(),
+    # A model small enough to stream on a laptop CPU in seconds; its output is noise, not pictures.
+    "tiny": ModelConfig(dim=64, ffn_dim=128, num_heads=4, num_layers=2, text_dim=32, freq_dim=32),
+}
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    """Streaming settings. Defaults equal the official MemFlow interactive inference config."""
+
+    chunk_frames: int = 3  # latent frames generated per step (num_frame_per_block)
+    local_attn_size: int = 12  # attention window in latent frames, sink and current chunk included
+    sink_size: int = 3  # first latent frames kept for the whole stream
+    bank_size: int = 3  # memory-bank slots (latent frames) per layer; 0 disables memory
+    record_interval: int = 3  # record a bank prototype every this many chunks
+    global_sink: bool = True  # keep the sink across prompt switches
+    context_noise: float = 0.0  # timestep of the clean pass that writes the cache
+    denoising_steps: tuple[int, ...] = (1000, 750, 500, 250)
+    timestep_shift: float = 5.0
+    warp_denoising_steps: bool = True  # map the step list through the shifted table (official)
+    sma: bool = False  # sparse memory activation
+    sma_top_k: int = 3  # frames of [sink | bank] kept per head when SMA is on
+    num_train_timesteps: int = 1000
+
+    def __post_init__(self):
+        object.__setattr__(self, "denoising_steps", tuple(int(s) for s in self.denoising_steps))
+        def need(cond, msg):
+            if not cond:
+                raise ValueError(f"StreamConfig: {msg}")
+        need(self.chunk_frames >= 1, f"chunk_frames={self.chunk_frames} must be >= 1")
+        need(self.sink_size >= 0, f"sink_size={self.sink_size} must be >= 0")
+        need(self.bank_size >= 0, f"bank_size={self.bank_size} must be >= 0")
+        need(self.record_interval >= 1, f"record_interval={self.record_interval} must be >= 1")
+        need(self.local_attn_size - self.sink_size >= self.chunk_frames,
+             f"local_attn_size={self.local_attn_size} must leave room for sink_size={self.sink_size} "
+             f"plus one chunk of {self.chunk_frames} frames")
+        need(len(self.denoising_steps) >= 1, "denoising_steps is empty")
+        need(all(0 < s <= self.num_train_timesteps for s in self.denoising_steps),
+             f"denoising_steps={self.denoising_steps} must lie in (0, {self.num_train_timesteps}]")
+        need(self.sma_top_k >= 1, f"sma_top_k={self.sma_top_k} must be >= 1")
+        need(self.timestep_shift > 0, f"timestep_shift={self.timestep_shift} must be > 0")
+
+    @property
+    def prev_frames(self) -> int:
+        """Non-sink cached frames a chunk attends to besides itself."""
+        return self.local_attn_size - self.sink_size - self.chunk_frames
+
+    def replace(self, **changes) -> "StreamConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def latent_size(height: int, width: int, vae_stride: int = 8, patch: tuple[int, int] = (2, 2)) -> tuple[int, int]:
+    """Pixel (height, width) -> latent (h, w). Raises if the resolution does not tile into patches."""
+    step_h, step_w = vae_stride * patch[0], vae_stride * patch[1]
+    for name, v, s in (("height", height, step_h), ("width", width, step_w)):
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            raise ValueError(f"{name}={v!r} must be a positive integer")
+        if v % s:
+            raise ValueError(f"{name}={v} is not divisible by {s} (VAE stride {vae_stride} x patch {s // vae_stride})")
+    return height // vae_stride, width // vae_stride
