@@ -1,0 +1,36 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+DATA = Path(__file__).parent / "data"
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    return DATA
+
+
+def make_tiny_model(seed: int = 0, **overrides):
+    """A random-weight tiny DiT (recipe weights), eval mode, float32, CPU."""
+    import dataclasses
+
+    from memflow_nb.config import ModelConfig
+    from memflow_nb.model import CausalWanModel
+    from memflow_nb.testing import recipe_weights
+
+    cfg = dataclasses.replace(ModelConfig.from_name("tiny"), **overrides)
+    with torch.device("meta"):
+        model = CausalWanModel(cfg)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    model.load_state_dict(recipe_weights(shapes, seed), strict=True, assign=True)
+    return model.eval()
+
+
+@pytest.fixture
+def tiny_model():
+    return make_tiny_model()
