@@ -1,0 +1,432 @@
+"""umT5-XXL text encoder, its tokenizer, and a per-prompt embedding cache.
+
+MemFlow conditions the DiT on the encoder output of umT5-XXL (the encoder half of T5 v1.1 with
+per-layer relative position tables). Parameter names equal the Wan2.1 checkpoint
+`models_t5_umt5-xxl-enc-bf16.pth`, so its state dict loads with `strict=True`.
+
+    cfg = T5Config.from_name("umt5-xxl")
+    encoder = UMT5Encoder.from_state_dict(state_dict, cfg, dtype=torch.bfloat16)
+    tokenizer = Tokenizer("Wan2.1-T2V-1.3B/google/umt5-xxl")
+    prompts = PromptEncoder(encoder, tokenizer, device="cuda")
+    emb = prompts(["a cat on a skateboard"])     # [1, 512, 4096], rows after </s> are 0
+    prompts.offload()                             # free the 11 GB on the GPU
+"""
+from __future__ import annotations
+
+import dataclasses
+import html
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import ftfy
+import tokenizers
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import ModelConfig
+
+__all__ = [
+    "T5Config",
+    "T5_PRESETS",
+    "UMT5Encoder",
+    "relative_position_buckets",
+    "clean_text",
+    "Tokenizer",
+    "encode_prompts",
+    "PromptEncoder",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclass(frozen=True)
+class T5Config:
+    """Architecture of a T5 encoder (field names follow Wan's `T5Encoder` arguments)."""
+
+    vocab: int
+    dim: int
+    dim_attn: int  # width of q/k/v (heads x head_dim); T5 lets it differ from dim
+    dim_ffn: int
+    num_heads: int
+    num_layers: int
+    num_buckets: int  # relative position buckets, split evenly between the two directions
+    max_distance: int = 128  # distances at or past this share the last bucket
+    eps: float = 1e-6
+    shared_pos: bool = False  # umT5: False, one position table per block
+
+    def __post_init__(self):
+        if self.dim_attn % self.num_heads:
+            raise ValueError(f"T5Config.dim_attn={self.dim_attn} is not divisible by num_heads={self.num_heads}")
+        # Bidirectional bucketing halves the buckets, then half of each half is exact distances.
+        if self.num_buckets % 4 or self.num_buckets < 4:
+            raise ValueError(f"T5Config.num_buckets={self.num_buckets} must be a positive multiple of 4")
+        if self.max_distance <= self.num_buckets // 4:
+            raise ValueError(f"T5Config.max_distance={self.max_distance} must exceed num_buckets/4")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim_attn // self.num_heads
+
+    @classmethod
+    def from_name(cls, name: str) -> "T5Config":
+        """A named preset: 'umt5-xxl' (Wan2.1's text encoder)."""
+        try:
+            return T5_PRESETS[name]
+        except KeyError:
+            raise ValueError(f"unknown T5 preset {name!r}; known: {sorted(T5_PRESETS)}") from None
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "T5Config":
+        """Build from a Wan-style kwargs dict, e.g. the golden file's `meta["config"]`.
+
+        Keys that are not fields (dropout, ...) are ignored; `max_dist` is read as max_distance.
+        """
+        names = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: v for k, v in d.items() if k in names}
+        if "max_dist" in d and "max_distance" not in kw:
+            kw["max_distance"] = d["max_dist"]
+        return cls(**kw)
+
+
+T5_PRESETS = {
+    "umt5-xxl": T5Config(vocab=256384, dim=4096, dim_attn=4096, dim_ffn=10240, num_heads=64,
+                         num_layers=24, num_buckets=32),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Model
+
+
+def relative_position_buckets(length: int, num_buckets: int, max_distance: int,
+                              device: torch.device | str | None = None) -> Tensor:
+    """Bidirectional T5 bucket of every (query, key) pair: int64 [length, length].
+
+    Half the buckets are for keys after the query, half for keys at or before it. Within a half,
+    the first quarter of num_buckets are exact distances; the rest are log-spaced up to
+    max_distance, past which everything shares the last bucket.
+    """
+    pos = torch.arange(length, device=device)
+    rel = pos[None, :] - pos[:, None]  # key minus query
+    half = num_buckets // 2
+    exact = half // 2
+    side = (rel > 0).long() * half
+    dist = rel.abs()
+    # Computed in float32 in this exact order, as the reference does, so that distances landing
+    # on a bucket edge (16, 32, 64) round the same way. clamp(1) only avoids log(0); those
+    # entries take the exact branch anyway.
+    far = exact + (torch.log(dist.clamp(min=1).float() / exact)
+                   / math.log(max_distance / exact) * (half - exact)).long()
+    far = far.clamp(max=half - 1)
+    return side + torch.where(dist < exact, dist, far)
+
+
+class RMSNorm(nn.Module):
+    """T5 layer norm: scale by the root mean square (no mean subtraction, no bias)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Statistics in fp32: a bf16 mean of squares over 4096 channels is too coarse.
+        x32 = x.float()
+        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * y.to(self.weight.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: T5Config):
+        super().__init__()
+        self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
+        self.q = nn.Linear(cfg.dim, cfg.dim_attn, bias=False)
+        self.k = nn.Linear(cfg.dim, cfg.dim_attn, bias=False)
+        self.v = nn.Linear(cfg.dim, cfg.dim_attn, bias=False)
+        self.o = nn.Linear(cfg.dim_attn, cfg.dim, bias=False)
+
+    def forward(self, x: Tensor, bias: Tensor) -> Tensor:
+        """x [B, L, dim], bias [B or 1, H, L, L] (position + key padding) -> [B, L, dim]."""
+        b, n, _ = x.shape
+        q, k, v = (p(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+                   for p in (self.q, self.k, self.v))
+        # No 1/sqrt(head_dim): T5 folds that factor into the trained q weights.
+        scores = q @ k.transpose(-1, -2) + bias
+        probs = scores.float().softmax(-1).to(v.dtype)
+        out = (probs @ v).transpose(1, 2).reshape(b, n, -1)
+        return self.o(out)
+
+
+class FeedForward(nn.Module):
+    """Gated GELU: fc2(fc1(x) * gelu_tanh(gate(x)))."""
+
+    def __init__(self, cfg: T5Config):
+        super().__init__()
+        # A Sequential only so the checkpoint name `gate.0.weight` matches.
+        self.gate = nn.Sequential(nn.Linear(cfg.dim, cfg.dim_ffn, bias=False), nn.GELU(approximate="tanh"))
+        self.fc1 = nn.Linear(cfg.dim, cfg.dim_ffn, bias=False)
+        self.fc2 = nn.Linear(cfg.dim_ffn, cfg.dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.fc1(x) * self.gate(x))
+
+
+class RelativeBias(nn.Module):
+    """Learned bias per (bucket, head); named `pos_embedding.embedding` in the checkpoint."""
+
+    def __init__(self, cfg: T5Config):
+        super().__init__()
+        self.embedding = nn.Embedding(cfg.num_buckets, cfg.num_heads)
+
+    def forward(self, buckets: Tensor) -> Tensor:
+        """buckets int64 [L, L] -> bias [1, H, L, L]."""
+        return self.embedding(buckets).permute(2, 0, 1).unsqueeze(0)
+
+
+def _clamp_fp16(x: Tensor) -> Tensor:
+    # T5 activations grow past the fp16 range; keep them finite (no-op for fp32 and bf16).
+    if x.dtype == torch.float16:
+        big = torch.finfo(torch.float16).max - 1000
+        x = x.clamp(-big, big)
+    return x
+
+
+class Block(nn.Module):
+    """Pre-norm self-attention then feed-forward, each with a residual."""
+
+    def __init__(self, cfg: T5Config):
+        super().__init__()
+        self.norm1 = RMSNorm(cfg.dim, cfg.eps)
+        self.attn = Attention(cfg)
+        self.norm2 = RMSNorm(cfg.dim, cfg.eps)
+        self.ffn = FeedForward(cfg)
+        self.pos_embedding = None if cfg.shared_pos else RelativeBias(cfg)
+
+    def forward(self, x: Tensor, bias: Tensor) -> Tensor:
+        x = _clamp_fp16(x + self.attn(self.norm1(x), bias))
+        return _clamp_fp16(x + self.ffn(self.norm2(x)))
+
+
+class UMT5Encoder(nn.Module):
+    """The umT5 encoder stack. Build on the meta device and load with `assign=True`.
+
+    No buffers: position buckets are computed in `forward`, so the state dict holds exactly the
+    checkpoint's tensors (242 for umT5-XXL).
+    """
+
+    def __init__(self, cfg: T5Config):
+        super().__init__()
+        self.cfg = cfg
+        self.token_embedding = nn.Embedding(cfg.vocab, cfg.dim)
+        self.pos_embedding = RelativeBias(cfg) if cfg.shared_pos else None
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.eps)
+        self.eval()  # inference only: the reference's dropout is off in eval, so there is none here
+
+    @classmethod
+    def from_state_dict(cls, state_dict: dict[str, Tensor], cfg: T5Config | None = None, *,
+                        dtype: torch.dtype | None = None,
+                        device: torch.device | str | None = None) -> "UMT5Encoder":
+        """Wrap a checkpoint state dict without a second copy of the weights.
+
+        cfg defaults to umT5-XXL. With dtype, the tensors are cast first (bf16 halves fp32 memory).
+        Returns an eval-mode encoder with requires_grad off, on `device` (default: where the
+        tensors are).
+        """
+        cfg = cfg or T5Config.from_name("umt5-xxl")
+        with torch.device("meta"):
+            model = cls(cfg)
+        if dtype is not None:
+            state_dict = {k: v.to(dtype) for k, v in state_dict.items()}
+        model.load_state_dict(state_dict, strict=True, assign=True)
+        model.requires_grad_(False).eval()
+        return model if device is None else model.to(device)
+
+    def forward(self, ids: Tensor, mask: Tensor | None = None) -> Tensor:
+        """ids int64 [B, L], mask [B, L] (nonzero = real token) -> hidden [B, L, dim].
+
+        Padded positions are still computed (they are zeroed later by `encode_prompts`); they are
+        only hidden as keys.
+        """
+        cfg = self.cfg
+        x = self.token_embedding(ids)
+        buckets = relative_position_buckets(ids.shape[1], cfg.num_buckets, cfg.max_distance, ids.device)
+        # finfo.min rather than -inf so that a row with every key padded gives a uniform
+        # softmax instead of NaN.
+        key_pad = None if mask is None else (mask == 0)[:, None, None, :]  # [B, 1, 1, L]
+        shared = self.pos_embedding(buckets) if cfg.shared_pos else None
+        for block in self.blocks:
+            bias = (shared if cfg.shared_pos else block.pos_embedding(buckets)).to(x.dtype)
+            if key_pad is not None:
+                bias = bias.masked_fill(key_pad, torch.finfo(x.dtype).min)
+            x = block(x, bias)
+        return self.norm(x)
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenizer
+
+
+def clean_text(text: str) -> str:
+    """Wan's 'whitespace' cleaning: fix mojibake, undo (double) HTML escaping, collapse whitespace."""
+    text = ftfy.fix_text(text)
+    # Twice, because scraped captions are often escaped twice ("&amp;amp;").
+    text = html.unescape(html.unescape(text))
+    return " ".join(text.split())
+
+
+class Tokenizer:
+    """umT5 tokenizer from a folder holding `tokenizer.json` (e.g. Wan's `google/umt5-xxl`).
+
+    Mirrors `AutoTokenizer(..., padding="max_length", truncation=True, max_length=text_len,
+    add_special_tokens=True)`: each prompt ends in `</s>`, long prompts lose their tail (the
+    `</s>` is kept), and rows are right-padded with `<pad>`.
+    """
+
+    eos_token = "</s>"
+    pad_token = "<pad>"
+
+    def __init__(self, path: str | Path, text_len: int = ModelConfig.text_len, *, clean: bool = True):
+        path = Path(path)
+        file = path if path.suffix == ".json" else path / "tokenizer.json"
+        if not file.is_file():
+            raise FileNotFoundError(f"tokenizer folder {file.parent} has no {file.name}"
+                                    + ("" if file.parent.is_dir() else " (the folder does not exist)"))
+        tok = tokenizers.Tokenizer.from_file(str(file))
+        # We truncate and pad ourselves, so that truncation can be counted and reported.
+        tok.no_truncation()
+        tok.no_padding()
+        self._tok, self.text_len, self.clean = tok, int(text_len), clean
+        self.eos_id, self.pad_id = (self._token_id(t) for t in (self.eos_token, self.pad_token))
+
+        # Does the post-processor already append </s>? (The HF umT5 tokenizer.json does, with a
+        # TemplateProcessing "$A </s>"; a bare tokenizer does not.) Then never add it twice.
+        proc = tok.post_processor
+        probe = tok.encode("", add_special_tokens=False)
+        processed = tok.post_process(probe).ids if proc is not None else []
+        self._eos_from_processor = processed[-1:] == [self.eos_id]
+        self._num_special = (len(processed) if proc is not None else 0) + (not self._eos_from_processor)
+        if self._num_special >= self.text_len:
+            raise ValueError(f"text_len={self.text_len} leaves no room for text after {self._num_special} special tokens")
+
+    def _token_id(self, token: str) -> int:
+        i = self._tok.token_to_id(token)
+        if i is None:
+            raise ValueError(f"tokenizer has no {token!r} token")
+        return i
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def __call__(self, prompts: str | list[str]) -> tuple[Tensor, Tensor]:
+        """prompts (B strings) -> (ids int64 [B, text_len], mask int64 [B, text_len]).
+
+        mask is 1 on real tokens (the `</s>` included) and 0 on padding. Warns when a prompt is
+        truncated, naming how many tokens were dropped.
+        """
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        texts = [clean_text(p) if self.clean else p for p in prompts]
+        encodings = self._tok.encode_batch(texts, add_special_tokens=False)
+        ids = torch.full((len(texts), self.text_len), self.pad_id, dtype=torch.int64)
+        mask = torch.zeros((len(texts), self.text_len), dtype=torch.int64)
+        room = self.text_len - self._num_special  # content tokens that fit
+        for i, enc in enumerate(encodings):
+            dropped = len(enc.ids) - room
+            if dropped > 0:
+                warnings.warn(f"prompt {i} has {len(enc.ids) + self._num_special} tokens, more than "
+                              f"text_len={self.text_len}: its last {dropped} tokens were dropped "
+                              f"({prompts[i][:40]!r}...)", stacklevel=2)
+                enc.truncate(room)
+            row = self._tok.post_process(enc).ids if self._tok.post_processor is not None else enc.ids
+            if not self._eos_from_processor:
+                row = row + [self.eos_id]
+            ids[i, :len(row)] = torch.tensor(row, dtype=torch.int64)
+            mask[i, :len(row)] = 1
+        return ids, mask
+
+
+# --------------------------------------------------------------------------------------------
+# Encoding prompts
+
+
+def _param_device(module: nn.Module) -> torch.device:
+    device = next(module.parameters()).device
+    if device.type == "meta":
+        raise RuntimeError("the text encoder is on the meta device: load its weights first "
+                           "(UMT5Encoder.from_state_dict or load_state_dict(..., assign=True))")
+    return device
+
+
+@torch.no_grad()
+def encode_prompts(encoder: UMT5Encoder, tokenizer: Tokenizer, prompts: list[str], *,
+                   device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Tensor:
+    """Prompt embeddings as MemFlow's DiT consumes them: [B, text_len, dim].
+
+    The encoder runs where its weights are; the result is moved to `device` / cast to `dtype`
+    (defaults: the encoder's). Rows at and after each prompt's true length (its `</s>` included)
+    are exactly 0, as in the official WanTextEncoder.
+    """
+    ids, mask = tokenizer(prompts)
+    run_on = _param_device(encoder)
+    hidden = encoder(ids.to(run_on), mask.to(run_on))
+    lengths = mask.sum(1).to(run_on)
+    past_end = torch.arange(ids.shape[1], device=run_on)[None, :] >= lengths[:, None]  # [B, L]
+    # masked_fill, not a multiply: gives +0.0 even where hidden is negative or non-finite.
+    hidden = hidden.masked_fill(past_end[..., None], 0.0)
+    return hidden.to(device=device or run_on, dtype=dtype or hidden.dtype)
+
+
+class PromptEncoder:
+    """Encode each distinct prompt once; later calls return the cached embeddings.
+
+    device: where embeddings are returned and kept (default: the encoder's device now).
+    dtype: their dtype (default: the encoder's).
+    keep_on_cpu: run the encoder where it is (e.g. the CPU) and only move results to `device`.
+    Otherwise the encoder is moved to `device` when a new prompt needs encoding; call
+    `offload()` afterwards to move it back to the CPU (the real encoder is 11 GB in bf16).
+    """
+
+    def __init__(self, encoder: UMT5Encoder, tokenizer: Tokenizer, *, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None, keep_on_cpu: bool = False):
+        self.encoder, self.tokenizer = encoder, tokenizer
+        self.device = torch.device(device) if device is not None else _param_device(encoder)
+        self.dtype = dtype
+        self.keep_on_cpu = keep_on_cpu
+        self._cache: dict[str, Tensor] = {}  # prompt -> [text_len, dim] on self.device
+
+    def __call__(self, prompts: str | list[str]) -> Tensor:
+        """prompts (B strings) -> [B, text_len, dim] on `device`; only unseen prompts are encoded."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        new = list(dict.fromkeys(p for p in prompts if p not in self._cache))  # distinct, in order
+        if new:
+            if not self.keep_on_cpu and _param_device(self.encoder) != self.device:
+                self.encoder.to(self.device)
+            emb = encode_prompts(self.encoder, self.tokenizer, new, device=self.device, dtype=self.dtype)
+            self._cache.update(zip(new, emb))
+        # stack copies, so editing the result cannot corrupt the cache
+        return torch.stack([self._cache[p] for p in prompts])
+
+    def __contains__(self, prompt: str) -> bool:
+        return prompt in self._cache
+
+    def __len__(self) -> int:
+        return len(self._cache)
+
+    def clear(self) -> None:
+        """Forget every cached embedding."""
+        self._cache.clear()
+
+    def offload(self) -> None:
+        """Move the encoder to the CPU and release the GPU memory it held; the cache stays."""
+        was_cuda = _param_device(self.encoder).type == "cuda"
+        self.encoder.to("cpu")
+        if was_cuda:
+            torch.cuda.empty_cache()
