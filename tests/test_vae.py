@@ -53,11 +53,12 @@ def test_golden_parity_whole_chunked_and_per_frame(golden):
     assert len(skipped) == 86 and all(k.startswith(("encoder.", "conv1.")) for k in skipped)
     whole = decode_video(vae, latents)
     chunked, counts = _decode_in_chunks(vae, latents, [3, 3])
-    per_frame = decode_video(vae, latents, per_frame=True)
+    # the official schedule (one latent frame at a time) on the first 3 latents keeps the test short
+    per_frame = decode_video(vae, latents[:, :3], per_frame=True)
     assert whole.shape == pixels.shape == (1, 21, 3, 64, 64)
-    assert counts == [9, 12]
-    diffs = {name: (out - pixels).abs().max().item()
-             for name, out in (("whole", whole), ("chunks of 3", chunked), ("per frame", per_frame))}
+    assert counts == [9, 12] and per_frame.shape[1] == 9
+    diffs = {name: (out - pixels[:, :out.shape[1]]).abs().max().item()
+             for name, out in (("whole", whole), ("chunks of 3", chunked), ("per frame, 3 latents", per_frame))}
     print("\nVAE golden max|diff|:", {k: f"{v:.2e}" for k, v in diffs.items()},
           f"(pixel max |x| {pixels.abs().max().item():.2f})")
     assert all(d <= 1e-3 for d in diffs.values()), diffs
