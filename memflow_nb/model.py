@@ -17,6 +17,9 @@ from torch import nn
 
 from .config import ModelConfig
 
+# Cross-attention observers (memflow_nb.inspect); empty unless a recording is active.
+CROSS_OBSERVERS: list = []
+
 # attend(layer, q, k, v, need_output) -> out [B, L, H, D] or None; q, k are already rotated.
 AttendFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, bool], Optional[torch.Tensor]]
 
@@ -87,6 +90,8 @@ class Block(nn.Module):
         # Cross-attention: no gate, no modulation; text K/V come precomputed (once per prompt).
         ca = self.cross_attn
         cq = ca.norm_q(ca.q(self.norm3(x))).view(B, f * T, H, D)
+        for ob in tuple(CROSS_OBSERVERS):
+            ob.cross_attention(layer, cq, text_k)
         c = sdpa(cq, text_k, text_v)
         x = x + ca.o(c.reshape(B, f, T, cfg.dim))
         x = x + self.ffn(layer_norm(x, cfg.eps) * (1 + scale2) + shift2) * gate2

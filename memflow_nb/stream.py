@@ -29,6 +29,10 @@ from .schedule import add_noise, denoising_schedule, flow_to_x0
 
 KV = torch.Tensor  # [L, 2, B, T * frames, H, D]
 
+# Active inspection recorders (memflow_nb.inspect). Empty unless a recording context is open;
+# the engine checks it once per pass, so nothing runs and nothing is kept when it is empty.
+RECORDERS: list = []
+
 
 @dataclass(frozen=True, eq=False)
 class State:
@@ -148,7 +152,7 @@ def step(model: CausalWanModel, state: State, *, noise: Optional[torch.Tensor] =
     x = noise
     for i, st in enumerate(steps):
         t = torch.full((B, n), st.timestep, device=state.device, dtype=torch.float32)
-        flow = model(x, t, state.text_kv, p0, _attend_fn(state, p0, p0 + n, recompute=False))
+        flow = model(x, t, state.text_kv, p0, _attend_fn(state, p0, p0 + n, recompute=False, kind="denoise", step=i))
         x0 = flow_to_x0(x, flow, st.sigma)
         if i + 1 < len(steps):
             x = add_noise(x0, renoise[i], steps[i + 1].sigma)
@@ -157,7 +161,7 @@ def step(model: CausalWanModel, state: State, *, noise: Optional[torch.Tensor] =
         # Official quirk: q_bank keeps its last loop value, True when there is a single step,
         # so the clean pass refreshes the bank once more.
         state = update_memory(model, state)
-    new_kv = _clean_pass(model, state, x0, p0, recompute=False)
+    new_kv = _clean_pass(model, state, x0, p0, recompute=False, kind="clean")
     return _commit_chunk(state, new_kv, x0), x0
 
 
@@ -189,7 +193,7 @@ def set_prompt(model: CausalWanModel, state: State, prompt_embeds: torch.Tensor)
     n = min(sc.local_attn_size, s)
     new = update_memory(model, new)
     frames = new.history[:, -n:]
-    new_kv = _clean_pass(model, new, frames, s - n, recompute=s - n > 0)
+    new_kv = _clean_pass(model, new, frames, s - n, recompute=s - n > 0, kind="recache")
     return dataclasses.replace(new, cache=_merge_cache(new, new_kv, s - n, s, recompute=s - n > 0))
 
 
@@ -238,6 +242,8 @@ def update_memory(model: CausalWanModel, state: State, *, text_kv: Optional[torc
     event = mem.MemoryEvent(chunk=state.chunk_index, kind=kind, new_frame=state.pending_frame,
                             frames_before=before, frames_after=frames, scores=all_scores,
                             text_zeroed=kind == "compress" and text_kv is None and state.nam_text_zeroed)
+    for ob in tuple(RECORDERS):
+        ob.memory_event(event)
     return dataclasses.replace(state, bank=slots, bank_frames=frames, bank_scores=scores,
                                records=_live_records(state.records, frames, state.pending_frame),
                                memory_log=state.memory_log + (event,))
@@ -332,11 +338,32 @@ def _layout(state: State, p0: int, p1: int, recompute: bool):
     return sink, bank, local
 
 
-def _attend_fn(state: State, p0: int, p1: int, recompute: bool, record: Optional[list] = None):
+@dataclass(frozen=True)
+class PassInfo:
+    """What an inspection recorder is told about the pass whose attention it sees."""
+
+    chunk: int  # chunk index the pass belongs to (a re-cache belongs to the chunk that follows it)
+    kind: str  # "denoise", "clean" or "recache"
+    step: int  # denoising step index, -1 for clean / re-cache passes
+    frames: tuple[int, int]  # query frames [p0, p1)
+    key_frames: tuple  # per key frame, in key order: (group, frame, slot), see memflow_nb.inspect
+    bank_frames: torch.Tensor  # [L, B, n] source frame per bank slot (per layer)
+    tokens_per_frame: int
+
+
+def _attend_fn(state: State, p0: int, p1: int, recompute: bool, record: Optional[list] = None,
+               kind: str = "denoise", step: int = 0):
     """The self-attention over the streaming context for one pass (see module docstring)."""
     sc = state.stream
     T = state.tokens_per_frame
     sink, bank, local = _layout(state, p0, p1, recompute)
+    observers = tuple(RECORDERS)
+    info = None
+    if observers:
+        lo = max(sc.sink_size, p1 - (sc.local_attn_size - sc.sink_size))
+        labels = ([("sink", f, -1) for f in range(len(sink))] + [("bank", -1, j) for j in range(len(bank))]
+                  + [("current" if p0 <= f < p1 else "local", f, -1) for f in range(lo, p1)])
+        info = PassInfo(state.chunk_index, kind, step, (p0, p1), tuple(labels), state.bank_frames, T)
 
     def pieces(group, l, k, v):
         out = []
@@ -359,23 +386,29 @@ def _attend_fn(state: State, p0: int, p1: int, recompute: bool, record: Optional
             return None
         glob, loc = pieces(sink, l, k, v) + pieces(bank, l, k, v), pieces(local, l, k, v)
         if sc.sma and sc.sink_size > 0 and glob:
-            kg, vg, _ = mem.sma_select(q, cat(glob, 0), cat(glob, 1), T, sc.sma_top_k)
+            kg, vg, sel = mem.sma_select(q, cat(glob, 0), cat(glob, 1), T, sc.sma_top_k)
             if loc:
                 kg = torch.cat([kg, cat(loc, 0).transpose(1, 2)], dim=2)
                 vg = torch.cat([vg, cat(loc, 1).transpose(1, 2)], dim=2)
+            for ob in observers:
+                ob.self_attention(info, l, q, kg, sma_frames=sel)
             return torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), kg, vg).transpose(1, 2)
         ps = glob + loc
-        return sdpa(q, cat(ps, 0), cat(ps, 1))
+        keys = cat(ps, 0)
+        for ob in observers:
+            ob.self_attention(info, l, q, keys.transpose(1, 2))
+        return sdpa(q, keys, cat(ps, 1))
 
     return attend
 
 
-def _clean_pass(model, state: State, x0: torch.Tensor, p0: int, recompute: bool) -> KV:
+def _clean_pass(model, state: State, x0: torch.Tensor, p0: int, recompute: bool, kind: str) -> KV:
     """Run x0 at t = context_noise and return this pass's keys/values [L, 2, B, f*T, H, D]."""
     B, f = x0.shape[:2]
     rec: list = []
     t = torch.full((B, f), float(state.stream.context_noise), device=state.device, dtype=torch.float32)
-    model(x0, t, state.text_kv, p0, _attend_fn(state, p0, p0 + f, recompute, record=rec), need_output=False)
+    attend = _attend_fn(state, p0, p0 + f, recompute, record=rec, kind=kind, step=-1)
+    model(x0, t, state.text_kv, p0, attend, need_output=False)
     return torch.stack([torch.stack(kv) for kv in rec])
 
 
@@ -413,3 +446,27 @@ def _commit_chunk(state: State, new_kv: KV, x0: torch.Tensor) -> State:
 def _live_records(records, frames: torch.Tensor, pending_frame: int):
     live = set(frames.unique().tolist()) | {pending_frame}
     return tuple((f, x) for f, x in records if f in live)
+
+
+def state_to(state: State, device) -> State:
+    """The same state with every tensor on `device` (tensors shared inside the state stay shared).
+
+    Small index tensors (bank frames and scores) stay on the CPU.
+    """
+    device = torch.device(device)
+    memo: dict[int, torch.Tensor] = {}
+
+    def mv(t):
+        if t is None or t.device == device:
+            return t
+        if id(t) not in memo:
+            memo[id(t)] = t.to(device, non_blocking=device.type == "cpu" and t.is_cuda)
+        return memo[id(t)]
+
+    new = dataclasses.replace(
+        state, prompt_embeds=mv(state.prompt_embeds), text_kv=mv(state.text_kv),
+        cache=tuple((f, mv(kv)) for f, kv in state.cache), bank=tuple(mv(s) for s in state.bank),
+        pending=mv(state.pending), history=mv(state.history), records=tuple((f, mv(x)) for f, x in state.records))
+    if device.type == "cpu" and torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return new

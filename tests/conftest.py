@@ -34,3 +34,15 @@ def make_tiny_model(seed: int = 0, **overrides):
 @pytest.fixture
 def tiny_model():
     return make_tiny_model()
+
+
+def make_tiny_vae(seed: int = 0):
+    """A narrow random-weight Wan VAE decoder (same architecture, width 8), float32, CPU."""
+    from memflow_nb.testing import recipe_weights
+    from memflow_nb.vae import VAEConfig, WanVAEDecoder
+
+    with torch.device("meta"):
+        vae = WanVAEDecoder(VAEConfig(dim=8))
+    shapes = {k: tuple(v.shape) for k, v in vae.state_dict().items()}
+    vae.load_state_dict(recipe_weights(shapes, seed), strict=True, assign=True)
+    return vae.eval()
