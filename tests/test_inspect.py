@@ -135,3 +135,30 @@ def test_bank_views(tiny_model):
     assert set(thumbs) == {f for f, _ in s.records}
     img = next(iter(thumbs.values()))
     assert img.shape == (48, 64, 3) and img.dtype.name == "uint8"
+
+
+def test_plots_render(tiny_model, tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from memflow_nb.plots import plot_attention_mass, plot_bank_timeline, plot_retrieval_scores
+
+    states, _ = run(tiny_model, 13)
+    with record_attention() as rec:
+        s, _ = step(tiny_model, states[-1])
+    log = s.memory_log
+    figs = {
+        "bank": plot_bank_timeline(log),
+        "attn": plot_attention_mass(rec, chunk=13),
+        "scores": plot_retrieval_scores(log, segments=[(0, 7, "prompt A"), (7, 14, "prompt B")]),
+    }
+    for name, fig in figs.items():
+        path = tmp_path / f"{name}.png"
+        fig.savefig(path)
+        assert path.stat().st_size > 5000
+    # The bank panel shows exactly the timeline's frames for layer 0.
+    img = figs["bank"].axes[0].images[0].get_array()
+    tl = bank_timeline(log, tiny_model.cfg.num_layers, 3)
+    assert (img.filled(-1).T == tl[:, 0, :]).all()
+    with pytest.raises(ValueError, match="memory log is empty"):
+        plot_bank_timeline(())
