@@ -64,7 +64,8 @@ def _read_timeline(args):
             return timelines[args.line]
         return Timeline.from_scope_json(path)
     except TimelineError as e:
-        raise UsageError(f"{path}: {e}") from None
+        fields = "; ".join(f"{loc}: {msg}" for loc, msg in e.errors) or str(e)
+        raise UsageError(f"{path}: invalid timeline: {fields}") from None
     except ValueError as e:
         raise UsageError(f"{path}: {e}") from None
 
@@ -74,7 +75,7 @@ def _generate(args) -> int:
 
     from .config import latent_size
     from .generate import generate
-    from .io import load
+    from .hub import load
     from .timeline import FPS
     from .video import VideoFile, _codec
 
@@ -123,7 +124,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command == "generate":
             return _generate(args)
     except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)
         return 2
     except (FileNotFoundError, PermissionError, OSError) as e:
         # Missing weights or unreadable files also end in one line.

@@ -177,6 +177,12 @@ class Pipeline:
     def random_weights(self) -> bool:
         return self.name == "tiny"
 
+    @property
+    def default_size(self) -> tuple[int, int]:
+        """(height, width) used when neither the call nor the timeline gives one: MemFlow's
+        training size 480x832, or a small 128x224 for the tiny model (noise needs no pixels)."""
+        return (128, 224) if self.random_weights else (480, 832)
+
     def __repr__(self) -> str:
         c = self.model.cfg
         params = sum(p.numel() for p in self.model.parameters())

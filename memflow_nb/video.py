@@ -71,8 +71,21 @@ def write_video(path: Union[str, Path], frames: np.ndarray, fps: float = FPS) ->
 
 
 def read_video(path: Union[str, Path]) -> np.ndarray:
-    """Frames of a video file as uint8 [T, H, W, 3]."""
-    return np.asarray(_media().read_video(Path(path)))
+    """Frames of a video file as uint8 [T, H, W, 3].
+
+    Read with imageio-ffmpeg's frame reader: mediapy's reader passes -vsync, which the ffmpeg 9
+    that imageio-ffmpeg ships no longer accepts.
+    """
+    import imageio_ffmpeg
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such video file")
+    reader = imageio_ffmpeg.read_frames(str(path), pix_fmt="rgb24")
+    meta = next(reader)
+    w, h = meta["size"]
+    frames = [np.frombuffer(buf, dtype=np.uint8).reshape(h, w, 3) for buf in reader]
+    return np.stack(frames) if frames else np.zeros((0, h, w, 3), np.uint8)
 
 
 def show_video(frames: Union[np.ndarray, Iterable[np.ndarray]], *, fps: float = FPS, title: Optional[str] = None,
