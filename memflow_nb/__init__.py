@@ -1,26 +1,36 @@
 """memflow_nb: a Jupyter-first toolkit for MemFlow streaming text-to-video.
 
 The public API is small; everything below is stable. Submodules (plots, text_encoder, vae, io,
-hub, memory, schedule) hold the rest.
+hub, memory, schedule, bench) hold the rest. Names are imported on first use, so `import
+memflow_nb` is quick and the engine needs nothing but torch.
 """
-from .config import ModelConfig, StreamConfig
-from .generate import Checkpoint, Checkpoints, Chunk, Video, generate, generate_video, resume
-from .hub import Pipeline, load
-from .inspect import bank_history, bank_slots, bank_thumbnails, record_attention
-from .io import load_dit
-from .model import CausalWanModel
-from .stream import State, init_state, set_prompt, state_to, step, update_memory
-from .timeline import Timeline, TimelineError, from_official_jsonl, to_official_jsonl
-from .vae import decode_chunk, init_decode_state, to_uint8
-from .video import read_video, show_video, write_video
+from importlib import import_module
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "ModelConfig", "StreamConfig", "CausalWanModel", "Pipeline", "load", "load_dit",
-    "State", "init_state", "step", "set_prompt", "update_memory", "state_to",
-    "Timeline", "TimelineError", "from_official_jsonl", "to_official_jsonl",
-    "generate", "generate_video", "resume", "Checkpoint", "Checkpoints", "Chunk", "Video",
-    "decode_chunk", "init_decode_state", "to_uint8", "write_video", "read_video", "show_video",
-    "record_attention", "bank_slots", "bank_history", "bank_thumbnails",
-]
+_EXPORTS = {
+    "config": ["ModelConfig", "StreamConfig"],
+    "model": ["CausalWanModel"],
+    "hub": ["Pipeline", "load"],
+    "io": ["load_dit"],
+    "stream": ["State", "init_state", "step", "set_prompt", "update_memory", "state_to"],
+    "timeline": ["Timeline", "TimelineError", "from_official_jsonl", "to_official_jsonl"],
+    "generation": ["generate", "generate_video", "resume", "Checkpoint", "Checkpoints", "Chunk", "Video"],
+    "vae": ["decode_chunk", "init_decode_state", "to_uint8"],
+    "video": ["write_video", "read_video", "show_video"],
+    "inspect": ["record_attention", "bank_slots", "bank_history", "bank_thumbnails"],
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name):
+    if name in _WHERE:
+        value = getattr(import_module(f".{_WHERE[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'memflow_nb' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

@@ -74,7 +74,7 @@ def _generate(args) -> int:
     import torch
 
     from .config import latent_size
-    from .generate import generate
+    from .generation import generate
     from .hub import load
     from .timeline import FPS
     from .video import VideoFile, _codec

@@ -70,32 +70,49 @@ class Block(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(cfg.dim, cfg.ffn_dim), nn.GELU(approximate="tanh"),
                                  nn.Linear(cfg.ffn_dim, cfg.dim))
         self.modulation = nn.Parameter(torch.zeros(1, 6, cfg.dim))
+        self.compiled = None  # (qkv, finish) compiled by `compile_model`
+        self.layer_index = -1
 
-    def forward(self, x, e0, rope, text_k, text_v, attend: AttendFn, layer: int, need_output: bool = True):
-        """x [B, f, T, dim] (T tokens per frame), e0 [B, f, 6, dim], text_k/v [B, Ltxt, H, D]."""
+    def qkv(self, x, e0, rope):
+        """Modulated norm and rotated q, k, v: x [B, f, T, dim] -> q, k, v [B, f*T, H, D]."""
         cfg = self.cfg
         B, f, T, _ = x.shape
         H, D = cfg.num_heads, cfg.head_dim
         # Per-frame adaLN: each latent frame has its own timestep embedding.
-        shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.unsqueeze(1) + e0).chunk(6, dim=2)
+        shift1, scale1 = (self.modulation[:, :2].unsqueeze(1) + e0[:, :, :2]).chunk(2, dim=2)
         h = layer_norm(x, cfg.eps) * (1 + scale1) + shift1
         sa = self.self_attn
         q = apply_rope(sa.norm_q(sa.q(h)).view(B, f * T, H, D), rope)
         k = apply_rope(sa.norm_k(sa.k(h)).view(B, f * T, H, D), rope)
-        v = sa.v(h).view(B, f * T, H, D)
-        y = attend(layer, q, k, v, need_output)
-        if not need_output:
-            return None
-        x = x + sa.o(y.reshape(B, f, T, cfg.dim)) * gate1
+        return q, k, sa.v(h).view(B, f * T, H, D)
+
+    def finish(self, x, y, e0, text_k, text_v):
+        """The rest of the block after self-attention output y [B, f*T, H, D]."""
+        cfg = self.cfg
+        B, f, T, _ = x.shape
+        H, D = cfg.num_heads, cfg.head_dim
+        gate1, shift2, scale2, gate2 = (self.modulation[:, 2:].unsqueeze(1) + e0[:, :, 2:]).chunk(4, dim=2)
+        x = x + self.self_attn.o(y.reshape(B, f, T, cfg.dim)) * gate1
         # Cross-attention: no gate, no modulation; text K/V come precomputed (once per prompt).
         ca = self.cross_attn
         cq = ca.norm_q(ca.q(self.norm3(x))).view(B, f * T, H, D)
         for ob in tuple(CROSS_OBSERVERS):
-            ob.cross_attention(layer, cq, text_k)
+            ob.cross_attention(self.layer_index, cq, text_k)
         c = sdpa(cq, text_k, text_v)
         x = x + ca.o(c.reshape(B, f, T, cfg.dim))
-        x = x + self.ffn(layer_norm(x, cfg.eps) * (1 + scale2) + shift2) * gate2
-        return x
+        return x + self.ffn(layer_norm(x, cfg.eps) * (1 + scale2) + shift2) * gate2
+
+    def forward(self, x, e0, rope, text_k, text_v, attend: AttendFn, layer: int, need_output: bool = True):
+        """x [B, f, T, dim] (T tokens per frame), e0 [B, f, 6, dim], text_k/v [B, Ltxt, H, D]."""
+        self.layer_index = layer
+        qkv, finish = (self.qkv, self.finish) if self.compiled is None else self.compiled
+        if CROSS_OBSERVERS:  # inspection runs eager, so observers always see every call
+            finish = self.finish
+        q, k, v = qkv(x, e0, rope)
+        y = attend(layer, q, k, v, need_output)
+        if not need_output:
+            return None
+        return finish(x, y, e0, text_k, text_v)
 
 
 class Head(nn.Module):
@@ -209,6 +226,26 @@ class CausalWanModel(nn.Module):
         if not need_output:
             return None
         return self.unpatchify(self.head(tokens, e), gh, gw)
+
+
+def compile_model(model: CausalWanModel, **compile_kwargs) -> CausalWanModel:
+    """Compile each block's two halves (before and after self-attention) with torch.compile.
+
+    Attention itself stays eager between them, since its context comes from the stream. The same
+    module object is returned; `uncompile_model` undoes it. Numbers match eager up to the usual
+    floating-point reassociation of fused kernels.
+    """
+    kw = dict(dynamic=False)
+    kw.update(compile_kwargs)
+    for blk in model.blocks:
+        blk.compiled = (torch.compile(blk.qkv, **kw), torch.compile(blk.finish, **kw))
+    return model
+
+
+def uncompile_model(model: CausalWanModel) -> CausalWanModel:
+    for blk in model.blocks:
+        blk.compiled = None
+    return model
 
 
 # -- functional helpers -------------------------------------------------------------------------

@@ -149,10 +149,11 @@ def step(model: CausalWanModel, state: State, *, noise: Optional[torch.Tensor] =
     # The refresh runs before the blocks of the first denoising call, with the text keys as they
     # are then (zero right after a switch); the blocks then compute this prompt's text K/V.
     state = update_memory(model, state)
+    ctx = _Context(state, p0, p0 + n, recompute=False)
     x = noise
     for i, st in enumerate(steps):
         t = torch.full((B, n), st.timestep, device=state.device, dtype=torch.float32)
-        flow = model(x, t, state.text_kv, p0, _attend_fn(state, p0, p0 + n, recompute=False, kind="denoise", step=i))
+        flow = model(x, t, state.text_kv, p0, ctx.attend_fn("denoise", i))
         x0 = flow_to_x0(x, flow, st.sigma)
         if i + 1 < len(steps):
             x = add_noise(x0, renoise[i], steps[i + 1].sigma)
@@ -161,7 +162,9 @@ def step(model: CausalWanModel, state: State, *, noise: Optional[torch.Tensor] =
         # Official quirk: q_bank keeps its last loop value, True when there is a single step,
         # so the clean pass refreshes the bank once more.
         state = update_memory(model, state)
-    new_kv = _clean_pass(model, state, x0, p0, recompute=False, kind="clean")
+        ctx = _Context(state, p0, p0 + n, recompute=False)
+    new_kv = _clean_pass(model, state, x0, p0, ctx, kind="clean")
+    del ctx
     return _commit_chunk(state, new_kv, x0), x0
 
 
@@ -193,7 +196,8 @@ def set_prompt(model: CausalWanModel, state: State, prompt_embeds: torch.Tensor)
     n = min(sc.local_attn_size, s)
     new = update_memory(model, new)
     frames = new.history[:, -n:]
-    new_kv = _clean_pass(model, new, frames, s - n, recompute=s - n > 0, kind="recache")
+    ctx = _Context(new, s - n, s, recompute=s - n > 0)
+    new_kv = _clean_pass(model, new, frames, s - n, ctx, kind="recache")
     return dataclasses.replace(new, cache=_merge_cache(new, new_kv, s - n, s, recompute=s - n > 0))
 
 
@@ -351,64 +355,112 @@ class PassInfo:
     tokens_per_frame: int
 
 
-def _attend_fn(state: State, p0: int, p1: int, recompute: bool, record: Optional[list] = None,
-               kind: str = "denoise", step: int = 0):
-    """The self-attention over the streaming context for one pass (see module docstring)."""
-    sc = state.stream
-    T = state.tokens_per_frame
-    sink, bank, local = _layout(state, p0, p1, recompute)
-    observers = tuple(RECORDERS)
-    info = None
-    if observers:
-        lo = max(sc.sink_size, p1 - (sc.local_attn_size - sc.sink_size))
-        labels = ([("sink", f, -1) for f in range(len(sink))] + [("bank", -1, j) for j in range(len(bank))]
-                  + [("current" if p0 <= f < p1 else "local", f, -1) for f in range(lo, p1)])
-        info = PassInfo(state.chunk_index, kind, step, (p0, p1), tuple(labels), state.bank_frames, T)
+# The fast path keeps, per chunk, one key/value workspace per layer with the context written once;
+# each pass only writes its own keys into the tail. Tests switch it off to compare with the
+# reference path, which concatenates the pieces on every pass; both give the same bits.
+USE_WORKSPACE = True
 
-    def pieces(group, l, k, v):
-        out = []
-        for kind, val in group:
-            if kind == "cur":
-                out.append((k[:, val * T:(val + 1) * T], v[:, val * T:(val + 1) * T]))
-            elif kind == "cache":
-                out.append((val[l, 0], val[l, 1]))
+
+class _Context:
+    """The self-attention context of a group of passes over frames [p0, p1) (see module docstring).
+
+    A chunk's denoising passes and its clean pass share one context (same frames, same bank).
+    """
+
+    def __init__(self, state: State, p0: int, p1: int, recompute: bool):
+        self.state, self.p0, self.p1 = state, p0, p1
+        self.T = state.tokens_per_frame
+        self.sink, self.bank, self.local = _layout(state, p0, p1, recompute)
+        self.sma = state.stream.sma and state.stream.sink_size > 0 and bool(self.sink + self.bank)
+        self.ws = None
+        pieces = self.sink + self.bank + self.local
+        n_cur = sum(1 for kind, _ in pieces if kind == "cur")
+        head, tail = pieces[:len(pieces) - n_cur], pieces[len(pieces) - n_cur:]
+        cur = [val for kind, val in tail if kind == "cur"]
+        # Fast form: cached frames first, then this pass's own frames as one increasing run.
+        if (USE_WORKSPACE and not self.sma and len(cur) == n_cur and all(kind == "cache" for kind, _ in head)
+                and cur == list(range(cur[0] if cur else 0, (cur[0] if cur else 0) + n_cur))):
+            self.prefix = [val for _, val in head]
+            self.cur = (cur[0] * self.T, (cur[0] + n_cur) * self.T) if cur else (0, 0)
+            self.ws = False  # built on first use, when dtype and device are known
+
+    def _workspace(self, k: torch.Tensor) -> torch.Tensor:
+        """[L, 2, B, n_prefix * T + n_cur * T, H, D] with the cached prefix written in."""
+        L = self.state.model_config.num_layers
+        B, _, H, D = k.shape
+        n_pre = len(self.prefix) * self.T
+        ws = k.new_empty(L, 2, B, n_pre + self.cur[1] - self.cur[0], H, D)
+        for i, frame_kv in enumerate(self.prefix):  # every piece is one frame of all layers
+            ws[:, :, :, i * self.T:(i + 1) * self.T].copy_(frame_kv)
+        self.n_pre = n_pre
+        return ws
+
+    def labels(self) -> tuple:
+        sc = self.state.stream
+        lo = max(sc.sink_size, self.p1 - (sc.local_attn_size - sc.sink_size))
+        return tuple([("sink", f, -1) for f in range(len(self.sink))] + [("bank", -1, j) for j in range(len(self.bank))]
+                     + [("current" if self.p0 <= f < self.p1 else "local", f, -1) for f in range(lo, self.p1)])
+
+    def attend_fn(self, kind: str, step: int, record: Optional[list] = None):
+        """The `attend(layer, q, k, v, need_output)` callback of one pass."""
+        T, st = self.T, self.state
+        observers = tuple(RECORDERS)
+        info = PassInfo(st.chunk_index, kind, step, (self.p0, self.p1), self.labels(), st.bank_frames, T) \
+            if observers else None
+
+        def pieces(group, l, k, v):
+            out = []
+            for kind_, val in group:
+                if kind_ == "cur":
+                    out.append((k[:, val * T:(val + 1) * T], v[:, val * T:(val + 1) * T]))
+                elif kind_ == "cache":
+                    out.append((val[l, 0], val[l, 1]))
+                else:
+                    out.append((k.new_zeros(k.shape[0], T, *k.shape[2:]),) * 2)
+            return out
+
+        def cat(ps, i):
+            return ps[0][i] if len(ps) == 1 else torch.cat([p[i] for p in ps], dim=1)
+
+        def attend(l, q, k, v, need_output):
+            if record is not None:
+                record.append((k, v))
+            if not need_output:
+                return None
+            if self.ws is not None:
+                if self.ws is False:
+                    self.ws = self._workspace(k)
+                a, b = self.cur
+                self.ws[l, 0, :, self.n_pre:] = k[:, a:b]
+                self.ws[l, 1, :, self.n_pre:] = v[:, a:b]
+                keys, values = self.ws[l, 0], self.ws[l, 1]
             else:
-                out.append((k.new_zeros(k.shape[0], T, *k.shape[2:]),) * 2)
-        return out
-
-    def cat(ps, i):
-        return ps[0][i] if len(ps) == 1 else torch.cat([p[i] for p in ps], dim=1)
-
-    def attend(l, q, k, v, need_output):
-        if record is not None:
-            record.append((k, v))
-        if not need_output:
-            return None
-        glob, loc = pieces(sink, l, k, v) + pieces(bank, l, k, v), pieces(local, l, k, v)
-        if sc.sma and sc.sink_size > 0 and glob:
-            kg, vg, sel = mem.sma_select(q, cat(glob, 0), cat(glob, 1), T, sc.sma_top_k)
-            if loc:
-                kg = torch.cat([kg, cat(loc, 0).transpose(1, 2)], dim=2)
-                vg = torch.cat([vg, cat(loc, 1).transpose(1, 2)], dim=2)
+                glob = pieces(self.sink, l, k, v) + pieces(self.bank, l, k, v)
+                loc = pieces(self.local, l, k, v)
+                if self.sma:
+                    kg, vg, sel = mem.sma_select(q, cat(glob, 0), cat(glob, 1), T, st.stream.sma_top_k)
+                    if loc:
+                        kg = torch.cat([kg, cat(loc, 0).transpose(1, 2)], dim=2)
+                        vg = torch.cat([vg, cat(loc, 1).transpose(1, 2)], dim=2)
+                    for ob in observers:
+                        ob.self_attention(info, l, q, kg, sma_frames=sel)
+                    return torch.nn.functional.scaled_dot_product_attention(
+                        q.transpose(1, 2), kg, vg).transpose(1, 2)
+                ps = glob + loc
+                keys, values = cat(ps, 0), cat(ps, 1)
             for ob in observers:
-                ob.self_attention(info, l, q, kg, sma_frames=sel)
-            return torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), kg, vg).transpose(1, 2)
-        ps = glob + loc
-        keys = cat(ps, 0)
-        for ob in observers:
-            ob.self_attention(info, l, q, keys.transpose(1, 2))
-        return sdpa(q, keys, cat(ps, 1))
+                ob.self_attention(info, l, q, keys.transpose(1, 2))
+            return sdpa(q, keys, values)
 
-    return attend
+        return attend
 
 
-def _clean_pass(model, state: State, x0: torch.Tensor, p0: int, recompute: bool, kind: str) -> KV:
+def _clean_pass(model, state: State, x0: torch.Tensor, p0: int, ctx: _Context, kind: str) -> KV:
     """Run x0 at t = context_noise and return this pass's keys/values [L, 2, B, f*T, H, D]."""
     B, f = x0.shape[:2]
     rec: list = []
     t = torch.full((B, f), float(state.stream.context_noise), device=state.device, dtype=torch.float32)
-    attend = _attend_fn(state, p0, p0 + f, recompute, record=rec, kind=kind, step=-1)
-    model(x0, t, state.text_kv, p0, attend, need_output=False)
+    model(x0, t, state.text_kv, p0, ctx.attend_fn(kind, -1, record=rec), need_output=False)
     return torch.stack([torch.stack(kv) for kv in rec])
 
 

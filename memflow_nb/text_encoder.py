@@ -20,8 +20,6 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import ftfy
-import tokenizers
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -274,6 +272,8 @@ class UMT5Encoder(nn.Module):
 
 def clean_text(text: str) -> str:
     """Wan's 'whitespace' cleaning: fix mojibake, undo (double) HTML escaping, collapse whitespace."""
+    import ftfy  # imported here so the encoder itself needs only torch
+
     text = ftfy.fix_text(text)
     # Twice, because scraped captions are often escaped twice ("&amp;amp;").
     text = html.unescape(html.unescape(text))
@@ -297,6 +297,8 @@ class Tokenizer:
         if not file.is_file():
             raise FileNotFoundError(f"tokenizer folder {file.parent} has no {file.name}"
                                     + ("" if file.parent.is_dir() else " (the folder does not exist)"))
+        import tokenizers
+
         tok = tokenizers.Tokenizer.from_file(str(file))
         # We truncate and pad ourselves, so that truncation can be counted and reported.
         tok.no_truncation()

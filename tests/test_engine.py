@@ -137,6 +137,20 @@ def test_cached_stream_equals_dense_masked_recompute(tiny_model):
         assert (ref - outs[c]).abs().max().item() < 2e-5, f"chunk {c}"
 
 
+def test_workspace_fast_path_equals_reference_path_bitwise(tiny_model, monkeypatch):
+    import memflow_nb.stream as stream_mod
+
+    def run():
+        states, outs = stream_states(tiny_model, 11)
+        s = set_prompt(tiny_model, states[-1], tiny_prompt(5))  # a re-cache pass too
+        return outs + [step(tiny_model, s)[1]]
+
+    fast = run()
+    monkeypatch.setattr(stream_mod, "USE_WORKSPACE", False)
+    reference = run()
+    assert all(torch.equal(a, b) for a, b in zip(fast, reference))
+
+
 # -- functional state -------------------------------------------------------------------------------
 
 def test_stepping_twice_from_an_old_state_gives_identical_results(tiny_model):

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-import memflow_nb.generate as gen_mod
+import memflow_nb.generation as gen_mod
 from memflow_nb.cli import main as cli_main
-from memflow_nb.generate import Checkpoints, generate, generate_video, resume
+from memflow_nb.generation import Checkpoints, generate, generate_video, resume
 from memflow_nb.hub import load
 from memflow_nb.timeline import Timeline
 from memflow_nb.video import read_video, write_video
