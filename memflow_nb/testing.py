@@ -66,13 +66,15 @@ def golden_stream_config(meta: dict):
     )
 
 
-def run_golden(path) -> torch.Tensor:
+def run_golden(path, *, device="cpu", dtype=torch.float32, compile: bool = False) -> torch.Tensor:
     """Replay a DiT golden file through the public API and return latents [B, F, C, H, W].
 
     The file gives the model config, stream settings, weight seed (weights come from
     `recipe_weights` over this model's parameter names), prompt embeddings, initial noise,
     re-noise draws and switch frame indices. Prompts switch with the official rule: before each
     chunk, if its start frame >= the next switch index, move to the next prompt (one per chunk).
+    device / dtype / compile run the same case elsewhere (e.g. bf16 on a GPU) for accuracy checks;
+    the result is returned as float32 on the CPU.
     """
     from .config import ModelConfig
     from .model import CausalWanModel
@@ -85,7 +87,11 @@ def run_golden(path) -> torch.Tensor:
         model = CausalWanModel(cfg)
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     model.load_state_dict(recipe_weights(shapes, meta["weight_seed"]), strict=True, assign=True)
-    model.eval()
+    model = model.to(device, dtype).eval()
+    if compile:
+        from .model import compile_model
+
+        compile_model(model)
     prompts = [t[f"prompt_embeds_{i}"] for i in range(len([k for k in t if k.startswith("prompt_embeds_")]))]
     noise, renoise = t["noise"], t["renoise"]
     B, n_frames = noise.shape[:2]
@@ -102,5 +108,5 @@ def run_golden(path) -> torch.Tensor:
             state = set_prompt(model, state, prompts[segment])
         rn = [renoise[per_chunk * c + i].reshape(B, n, *noise.shape[2:]) for i in range(per_chunk)]
         state, x0 = step(model, state, noise=noise[:, s:s + n], renoise=rn)
-        out.append(x0)
+        out.append(x0.float().cpu())
     return torch.cat(out, dim=1)

@@ -1,0 +1,255 @@
+"""Speed of the full-size MemFlow model with random weights (no download): `python -m memflow_nb.bench`.
+
+Prints one JSON object: per resolution and mode, diffusion-only FPS, end-to-end FPS (with the
+streaming Wan VAE decode), first-chunk latency (prompt embeddings to first frames on the host),
+ms per DiT pass, peak GPU memory. Frames are video frames: a chunk of 3 latent frames makes 12
+(the first chunk 9). Warm-up and compilation are excluded; times come from CUDA events.
+
+Modes:
+  eager  the engine as is (bf16, PyTorch's default attention kernel choice);
+  exact  same numbers as eager up to bf16 rounding: compiled blocks, cuDNN attention first;
+  fast   exact + SMA + fp8 (e4m3, row-wise scaled) linear layers in the blocks.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import time
+
+import torch
+
+from .config import ModelConfig, StreamConfig
+from .model import CausalWanModel, compile_model, uncompile_model
+from .stream import _Context, init_state, step, update_memory
+from .vae import VAEConfig, WanVAEDecoder, decode_chunk, init_decode_state, to_uint8
+
+
+def random_module(build, device, dtype, seed: int = 0):
+    """Build on meta, then fill with scaled normal weights on the device (like the golden recipe)."""
+    with torch.device("meta"):
+        m = build()
+    m = m.to_empty(device=device)
+    g = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            p.normal_(generator=g)
+            if "modulation" in name:
+                p.mul_(0.1)
+            elif p.dim() == 1 and "norm" in name:
+                p.mul_(0.1).add_(1.0)
+            elif p.dim() == 1:
+                p.mul_(0.02)
+            else:
+                p.div_(math.sqrt(math.prod(p.shape[1:])))
+    return m.to(dtype).eval().requires_grad_(False)
+
+
+@contextlib.contextmanager
+def attention_backend(mode: str):
+    """cuDNN attention first (the fastest SDPA kernel on Hopper), falling back to the others."""
+    if mode == "eager":
+        yield
+        return
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    with sdpa_kernel(order, set_priority=True):
+        yield
+
+
+class _Timer:
+    def __init__(self):
+        self.a, self.b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+    def __enter__(self):
+        self.a.record()
+        return self
+
+    def __exit__(self, *exc):
+        self.b.record()
+        torch.cuda.synchronize()
+        self.ms = self.a.elapsed_time(self.b)
+
+
+def _frames(chunk: int) -> int:
+    return 9 if chunk == 0 else 12
+
+
+def bench_case(model, vae, height, width, mode, chunks, warm_chunks, prompt):
+    stream = StreamConfig(sma=mode == "fast")
+    out = {"height": height, "width": width, "mode": mode}
+    with attention_backend(mode):
+        state = init_state(model, stream, prompt, height=height, width=width, seed=0)
+        vstate = init_decode_state(vae)
+        # Warm-up: compile every shape and reach the steady state (full bank, rolled window).
+        for _ in range(warm_chunks):
+            state, x0 = step(model, state)
+            _, vstate = decode_chunk(vae, x0, vstate)
+        torch.cuda.synchronize()
+        s0, v0 = state, vstate
+        with _Timer() as t:
+            for _ in range(chunks):
+                state, x0 = step(model, state)
+        out["diffusion_ms_per_chunk"] = t.ms / chunks
+        out["diffusion_fps"] = 12 * chunks / (t.ms / 1000)
+        torch.cuda.reset_peak_memory_stats()
+        state, vstate = s0, v0
+        with _Timer() as t:
+            for _ in range(chunks):
+                state, x0 = step(model, state)
+                pixels, vstate = decode_chunk(vae, x0, vstate)
+        out["e2e_ms_per_chunk"] = t.ms / chunks
+        out["e2e_fps"] = 12 * chunks / (t.ms / 1000)
+        out["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 1e9
+        with _Timer() as t:
+            for _ in range(chunks):
+                decode_chunk(vae, x0, vstate)
+        out["vae_ms_per_chunk"] = t.ms / chunks
+        # One DiT denoising pass in the steady state.
+        st = update_memory(model, state)
+        ctx = _Context(st, st.position, st.position + 3, recompute=False)
+        x = torch.randn_like(x0)
+        tt = torch.full((1, 3), 937.5, device=x.device)
+        for _ in range(2):
+            model(x, tt, st.text_kv, st.position, ctx.attend_fn("denoise", 0))
+        with _Timer() as t:
+            for _ in range(10):
+                model(x, tt, st.text_kv, st.position, ctx.attend_fn("denoise", 0))
+        out["dit_pass_ms"] = t.ms / 10
+        # First chunk: prompt embeddings -> 9 frames on the host.
+        for _ in range(2):
+            with _Timer() as t:
+                s = init_state(model, stream, prompt, height=height, width=width, seed=1)
+                s, x0 = step(model, s)
+                pixels, _ = decode_chunk(vae, x0, init_decode_state(vae))
+                frames = to_uint8(pixels[0])
+        out["first_chunk_ms"] = t.ms
+        assert frames.shape[0] == 9
+    return out
+
+
+def load_test(device, dtype) -> dict:
+    """Full-size checkpoint load through load_dit: random base.pt + lora.pt written to disk first."""
+    import os
+    import tempfile
+
+    from .io import load_dit
+
+    cfg = ModelConfig.from_name("wan2.1-t2v-1.3b")
+    tmp = tempfile.mkdtemp()
+    m = random_module(lambda: CausalWanModel(cfg), "cpu", torch.bfloat16, seed=3)
+    torch.save({"generator": {"model." + k: v for k, v in m.state_dict().items()}}, f"{tmp}/base.pt")
+    lora, r = {}, 256
+    for i in range(cfg.num_layers):
+        for name, (o, n) in {**{f"{a}.{p}": (cfg.dim, cfg.dim) for a in ("self_attn", "cross_attn") for p in "qkvo"},
+                             "ffn.0": (cfg.ffn_dim, cfg.dim), "ffn.2": (cfg.dim, cfg.ffn_dim)}.items():
+            key = f"base_model.model.blocks.{i}.{name}"
+            lora[key + ".lora_A.weight"] = torch.randn(r, n, dtype=torch.bfloat16) / n
+            lora[key + ".lora_B.weight"] = torch.randn(o, r, dtype=torch.bfloat16) / r
+    torch.save({"generator_lora": lora}, f"{tmp}/lora.pt")
+    del m, lora
+    sizes = {f: os.path.getsize(f"{tmp}/{f}") / 1e9 for f in ("base.pt", "lora.pt")}
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    model = load_dit(f"{tmp}/base.pt", f"{tmp}/lora.pt", device=device, dtype=dtype)
+    torch.cuda.synchronize()
+    secs = time.perf_counter() - t0
+    out = {"load_dit_s": secs, "file_gb": sizes, "peak_gpu_gb": torch.cuda.max_memory_allocated() / 1e9,
+           "params": sum(p.numel() for p in model.parameters())}
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    random_module(lambda: CausalWanModel(cfg), device, dtype)
+    torch.cuda.synchronize()
+    out["random_build_s"] = time.perf_counter() - t0
+    out["random_build_peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    return out
+
+
+def text_encoder_test(device) -> dict:
+    from .text_encoder import T5Config, UMT5Encoder
+
+    enc = random_module(lambda: UMT5Encoder(T5Config.from_name("umt5-xxl")), device, torch.bfloat16, seed=5)
+    ids = torch.randint(3, 1000, (1, 512), device=device)
+    mask = torch.zeros(1, 512, dtype=torch.long, device=device)
+    mask[:, :120] = 1
+    for _ in range(2):
+        with _Timer() as t:
+            enc(ids, mask)
+    enc.to("cpu")
+    torch.cuda.empty_cache()
+    return {"umt5_xxl_encode_ms": t.ms, "after_offload_gpu_gb": torch.cuda.memory_allocated() / 1e9}
+
+
+def golden_check(path, device) -> dict:
+    """Exact mode in bf16 on the GPU against the official fp32 CPU latents of a golden file."""
+    from .testing import load_golden, run_golden
+
+    _, t = load_golden(path)
+    ref = t["latents"].double()
+    with attention_backend("exact"):
+        out = run_golden(path, device=device, dtype=torch.bfloat16, compile=True).double()
+    d = (out - ref).abs()
+    n = out.shape[1] // 3
+    return {"golden": str(path), "max_abs_diff": float(d.max()), "mean_abs_diff": float(d.mean()),
+            "ref_abs_mean": float(ref.abs().mean()),
+            "cosine": float(torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0)),
+            "max_abs_diff_per_chunk": [round(float(d[:, 3 * i:3 * i + 3].max()), 4) for i in range(n)]}
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(prog="python -m memflow_nb.bench", description=__doc__.split("\n")[0])
+    p.add_argument("--sizes", default="832x480,576x320", help="WxH list")
+    p.add_argument("--modes", default="exact,fast", help="eager, exact, fast")
+    p.add_argument("--chunks", type=int, default=8, help="timed chunks per measurement")
+    p.add_argument("--warm-chunks", type=int, default=11, help="chunks run before timing (bank full at 10)")
+    p.add_argument("--load-test", action="store_true", help="also time load_dit on full-size files")
+    p.add_argument("--text-encoder", action="store_true", help="also time the umT5-XXL encoder")
+    p.add_argument("--golden", action="append", default=[], help="also check bf16 accuracy on this golden file")
+    p.add_argument("--json", help="also write the results to this file")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("the benchmark needs a CUDA GPU")
+    dev, dtype = torch.device("cuda"), torch.bfloat16
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
+    res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+           "command": "python -m memflow_nb.bench " + " ".join(argv or []), "cases": []}
+    if args.load_test:
+        res["load"] = load_test(dev, dtype)
+    if args.text_encoder:
+        res["text_encoder"] = text_encoder_test(dev)
+    res["accuracy"] = [golden_check(g, dev) for g in args.golden]
+    for a in res["accuracy"]:
+        print(json.dumps(a), flush=True)
+    cfg = ModelConfig.from_name("wan2.1-t2v-1.3b")
+    base = random_module(lambda: CausalWanModel(cfg), dev, dtype)
+    vae = random_module(lambda: WanVAEDecoder(VAEConfig()), dev, dtype, seed=1)
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randn(1, 512, cfg.text_dim, generator=g)
+    prompt[:, 120:] = 0
+    for mode in args.modes.split(","):
+        model = uncompile_model(base) if mode == "eager" else base
+        if mode in ("exact", "fast"):
+            if mode == "fast":
+                from .fp8 import to_fp8
+                model = compile_model(to_fp8(random_module(lambda: CausalWanModel(cfg), dev, dtype)))
+            else:
+                model = compile_model(base)
+        for size in args.sizes.split(","):
+            w, h = (int(v) for v in size.split("x"))
+            t0 = time.perf_counter()
+            case = bench_case(model, vae, h, w, mode, args.chunks, args.warm_chunks, prompt.to(dev))
+            case["wall_s"] = time.perf_counter() - t0
+            res["cases"].append(case)
+            print(json.dumps(case), flush=True)
+    print(json.dumps(res, indent=1))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=1)
+    return res
+
+
+if __name__ == "__main__":
+    main()
