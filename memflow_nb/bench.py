@@ -199,6 +199,56 @@ def golden_check(path, device) -> dict:
             "max_abs_diff_per_chunk": [round(float(d[:, 3 * i:3 * i + 3].max()), 4) for i in range(n)]}
 
 
+def vae_variants(vae, height, width) -> list[dict]:
+    """Time the VAE decode of one steady-state chunk (3 latent frames) several ways."""
+    from . import vae as vae_mod
+
+    lat = torch.randn(1, 3, 16, height // 8, width // 8, device="cuda", dtype=torch.bfloat16)
+    out = []
+    for compiled in (False, True):
+        if compiled:
+            vae_mod.compile_vae(vae)
+        for fmt_name, fmt in (("contiguous", torch.contiguous_format), ("channels_last", torch.channels_last_3d)):
+            for per_frame in (False, True):
+                _, st = decode_chunk(vae, lat, init_decode_state(vae), memory_format=fmt)
+                for _ in range(2):
+                    decode_chunk(vae, lat, st, memory_format=fmt, per_frame=per_frame)
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+                with _Timer() as t:
+                    for _ in range(3):
+                        decode_chunk(vae, lat, st, memory_format=fmt, per_frame=per_frame)
+                out.append({"size": f"{width}x{height}", "compiled_norm": compiled, "format": fmt_name,
+                            "per_frame": per_frame, "ms": t.ms / 3,
+                            "peak_extra_gb": (torch.cuda.max_memory_allocated() - base) / 1e9})
+                print(json.dumps(out[-1]), flush=True)
+    vae_mod._NORM_SILU = vae_mod._norm_silu
+    return out
+
+
+def profile_chunk(model, vae, height, width, mode, prompt, path=None) -> str:
+    """torch.profiler over two steady-state chunks (step + decode): the top GPU and CPU ops."""
+    stream = StreamConfig(sma=mode == "fast")
+    with attention_backend(mode):
+        state = init_state(model, stream, prompt, height=height, width=width, seed=0)
+        vstate = init_decode_state(vae)
+        for _ in range(12):
+            state, x0 = step(model, state)
+            _, vstate = decode_chunk(vae, x0, vstate)
+        torch.cuda.synchronize()
+        acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        with torch.profiler.profile(activities=acts) as prof:
+            for _ in range(2):
+                state, x0 = step(model, state)
+                _, vstate = decode_chunk(vae, x0, vstate)
+            torch.cuda.synchronize()
+    if path:
+        prof.export_chrome_trace(path)
+    ka = prof.key_averages()
+    return (ka.table(sort_by="cuda_time_total", row_limit=28, max_name_column_width=60) + "\n"
+            + ka.table(sort_by="cpu_time_total", row_limit=22, max_name_column_width=60))
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(prog="python -m memflow_nb.bench", description=__doc__.split("\n")[0])
     p.add_argument("--sizes", default="832x480,576x320", help="WxH list")
@@ -208,6 +258,9 @@ def main(argv=None) -> dict:
     p.add_argument("--load-test", action="store_true", help="also time load_dit on full-size files")
     p.add_argument("--text-encoder", action="store_true", help="also time the umT5-XXL encoder")
     p.add_argument("--golden", action="append", default=[], help="also check bf16 accuracy on this golden file")
+    p.add_argument("--vae-variants", action="store_true", help="also time VAE decode variants")
+    p.add_argument("--profile", help="WxH: print a torch.profiler table of two chunks per mode instead of timing")
+    p.add_argument("--trace-dir", help="with --profile: write chrome traces here")
     p.add_argument("--json", help="also write the results to this file")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -229,6 +282,9 @@ def main(argv=None) -> dict:
     g = torch.Generator().manual_seed(0)
     prompt = torch.randn(1, 512, cfg.text_dim, generator=g)
     prompt[:, 120:] = 0
+    if args.vae_variants:
+        res["vae"] = [v for size in args.sizes.split(",") for v in
+                      vae_variants(vae, *(int(x) for x in size.split("x")[::-1]))]
     for mode in args.modes.split(","):
         model = uncompile_model(base) if mode == "eager" else base
         if mode in ("exact", "fast"):
@@ -237,6 +293,11 @@ def main(argv=None) -> dict:
                 model = compile_model(to_fp8(random_module(lambda: CausalWanModel(cfg), dev, dtype)))
             else:
                 model = compile_model(base)
+        if args.profile:
+            w, h = (int(v) for v in args.profile.split("x"))
+            trace = f"{args.trace_dir}/trace_{mode}_{args.profile}.json" if args.trace_dir else None
+            print(f"=== profile {mode} {args.profile}\n" + profile_chunk(model, vae, h, w, mode, prompt.to(dev), trace))
+            continue
         for size in args.sizes.split(","):
             w, h = (int(v) for v in size.split("x"))
             t0 = time.perf_counter()

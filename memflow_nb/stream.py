@@ -144,17 +144,21 @@ def step(model: CausalWanModel, state: State, *, noise: Optional[torch.Tensor] =
     sc, steps = state.stream, denoising_schedule(state.stream)
     B, (h, w), n = state.batch, state.latent_hw, sc.chunk_frames
     shape = (B, n, model.cfg.in_dim, h, w)
-    noise, renoise = _chunk_noise(state, shape, noise, renoise, len(steps) - 1)
+    with torch.profiler.record_function("memflow.noise"):
+        noise, renoise = _chunk_noise(state, shape, noise, renoise, len(steps) - 1)
     p0 = state.position
+    prof = torch.profiler.record_function
     # The refresh runs before the blocks of the first denoising call, with the text keys as they
     # are then (zero right after a switch); the blocks then compute this prompt's text K/V.
-    state = update_memory(model, state)
+    with prof("memflow.refresh"):
+        state = update_memory(model, state)
     ctx = _Context(state, p0, p0 + n, recompute=False)
     x = noise
     for i, st in enumerate(steps):
         t = torch.full((B, n), st.timestep, device=state.device, dtype=torch.float32)
-        flow = model(x, t, state.text_kv, p0, ctx.attend_fn("denoise", i))
-        x0 = flow_to_x0(x, flow, st.sigma)
+        with prof("memflow.denoise_pass"):
+            flow = model(x, t, state.text_kv, p0, ctx.attend_fn("denoise", i))
+            x0 = flow_to_x0(x, flow, st.sigma)
         if i + 1 < len(steps):
             x = add_noise(x0, renoise[i], steps[i + 1].sigma)
     state = dataclasses.replace(state, nam_text_zeroed=False)
@@ -163,9 +167,11 @@ def step(model: CausalWanModel, state: State, *, noise: Optional[torch.Tensor] =
         # so the clean pass refreshes the bank once more.
         state = update_memory(model, state)
         ctx = _Context(state, p0, p0 + n, recompute=False)
-    new_kv = _clean_pass(model, state, x0, p0, ctx, kind="clean")
+    with prof("memflow.clean_pass"):
+        new_kv = _clean_pass(model, state, x0, p0, ctx, kind="clean")
     del ctx
-    return _commit_chunk(state, new_kv, x0), x0
+    with prof("memflow.commit"):
+        return _commit_chunk(state, new_kv, x0), x0
 
 
 @torch.no_grad()
