@@ -208,6 +208,7 @@ def vae_variants(vae, height, width) -> list[dict]:
     for compiled in (False, True):
         if compiled:
             vae_mod.compile_vae(vae)
+            torch.backends.cudnn.benchmark = True  # compiled rows also let cuDNN autotune
         for fmt_name, fmt in (("contiguous", torch.contiguous_format), ("channels_last", torch.channels_last_3d)):
             for per_frame in (False, True):
                 _, st = decode_chunk(vae, lat, init_decode_state(vae), memory_format=fmt)
@@ -222,6 +223,26 @@ def vae_variants(vae, height, width) -> list[dict]:
                             "per_frame": per_frame, "ms": t.ms / 3,
                             "peak_extra_gb": (torch.cuda.max_memory_allocated() - base) / 1e9})
                 print(json.dumps(out[-1]), flush=True)
+    # The whole decoder under torch.compile (cache bookkeeping traced as Python side effects).
+    try:
+        torch.backends.cudnn.benchmark = True
+        dec = vae.decoder
+        plain = dec.forward
+        dec.forward = torch.compile(plain, dynamic=False)
+        fmt = torch.contiguous_format
+        _, st = decode_chunk(vae, lat, init_decode_state(vae))
+        for _ in range(3):
+            decode_chunk(vae, lat, st)
+        with _Timer() as t:
+            for _ in range(3):
+                decode_chunk(vae, lat, st)
+        out.append({"size": f"{width}x{height}", "compiled_decoder": True, "cudnn_benchmark": True, "ms": t.ms / 3})
+        dec.forward = plain
+    except Exception as e:  # report, do not abort the benchmark
+        out.append({"size": f"{width}x{height}", "compiled_decoder": "failed", "error": repr(e)[:300]})
+        vae.decoder.forward = plain
+    print(json.dumps(out[-1]), flush=True)
+    torch.backends.cudnn.benchmark = False
     vae_mod._NORM_SILU = vae_mod._norm_silu
     return out
 
@@ -285,14 +306,21 @@ def main(argv=None) -> dict:
     if args.vae_variants:
         res["vae"] = [v for size in args.sizes.split(",") for v in
                       vae_variants(vae, *(int(x) for x in size.split("x")[::-1]))]
+    from . import model as model_mod
+    from .speed import optimize_model
+    from .vae import compile_vae
+
     for mode in args.modes.split(","):
-        model = uncompile_model(base) if mode == "eager" else base
-        if mode in ("exact", "fast"):
-            if mode == "fast":
-                from .fp8 import to_fp8
-                model = compile_model(to_fp8(random_module(lambda: CausalWanModel(cfg), dev, dtype)))
-            else:
-                model = compile_model(base)
+        if mode == "eager":
+            model = uncompile_model(base)
+            base.pass_graphs, model_mod.SDPA_BACKENDS = None, None
+        elif mode == "exact":
+            model = optimize_model(base, "exact")
+        else:
+            model = optimize_model(random_module(lambda: CausalWanModel(cfg), dev, dtype), "fast")
+        if mode != "eager":
+            torch.backends.cudnn.benchmark = True
+            compile_vae(vae)
         if args.profile:
             w, h = (int(v) for v in args.profile.split("x"))
             trace = f"{args.trace_dir}/trace_{mode}_{args.profile}.json" if args.trace_dir else None

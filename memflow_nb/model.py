@@ -193,7 +193,7 @@ class CausalWanModel(nn.Module):
 
     # -- forward ------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, t: torch.Tensor, text_kv: torch.Tensor, frame_start: int,
-                attend: AttendFn, need_output: bool = True) -> Optional[torch.Tensor]:
+                attend: AttendFn, need_output: bool = True, rope=None) -> Optional[torch.Tensor]:
         """One pass over a chunk.
 
         Args:
@@ -204,6 +204,7 @@ class CausalWanModel(nn.Module):
             attend: self-attention over the streaming context, see `AttendFn`.
             need_output: False for the clean pass that only writes the cache: the last layer stops
                 after its keys/values and the head is skipped (returns None).
+            rope: precomputed (cos, sin) from `rope_cos_sin` (CUDA-graph replays pass static ones).
         Returns:
             the flow prediction (noise - x0) [B, f, C_out, h, w], or None.
         """
@@ -218,7 +219,8 @@ class CausalWanModel(nn.Module):
         dtype = self.patch_embedding.weight.dtype
         tokens = self.patchify(x.to(dtype))
         e, e0 = self.time_embed(t, dtype)
-        rope = rope_cos_sin(cfg.head_dim, frame_start, f, gh, gw, tokens.device)
+        if rope is None:
+            rope = rope_cos_sin(cfg.head_dim, frame_start, f, gh, gw, tokens.device)
         last = cfg.num_layers - 1
         for i, blk in enumerate(self.blocks):
             tokens = blk(tokens, e0, rope, text_kv[i, 0], text_kv[i, 1], attend, i,
@@ -250,9 +252,19 @@ def uncompile_model(model: CausalWanModel) -> CausalWanModel:
 
 # -- functional helpers -------------------------------------------------------------------------
 
+# SDPA kernels to try first (e.g. cuDNN on Hopper), set by memflow_nb.speed; None: PyTorch's choice.
+SDPA_BACKENDS = None
+
+
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Plain softmax attention, scale 1/sqrt(D). q [B, Lq, H, D], k/v [B, Lk, H, D] -> [B, Lq, H, D]."""
-    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if SDPA_BACKENDS is None or not q.is_cuda:
+        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+    from torch.nn.attention import sdpa_kernel
+
+    with sdpa_kernel(SDPA_BACKENDS, set_priority=True):
+        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
 
 
 def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:

@@ -153,11 +153,15 @@ def step(model: CausalWanModel, state: State, *, noise: Optional[torch.Tensor] =
     with prof("memflow.refresh"):
         state = update_memory(model, state)
     ctx = _Context(state, p0, p0 + n, recompute=False)
+    graphs = _graphs_for(model, ctx)
     x = noise
     for i, st in enumerate(steps):
         t = torch.full((B, n), st.timestep, device=state.device, dtype=torch.float32)
         with prof("memflow.denoise_pass"):
-            flow = model(x, t, state.text_kv, p0, ctx.attend_fn("denoise", i))
+            if graphs is not None:
+                flow = graphs.run(ctx, x, st.timestep, "denoise")
+            else:
+                flow = model(x, t, state.text_kv, p0, ctx.attend_fn("denoise", i))
             x0 = flow_to_x0(x, flow, st.sigma)
         if i + 1 < len(steps):
             x = add_noise(x0, renoise[i], steps[i + 1].sigma)
@@ -167,8 +171,12 @@ def step(model: CausalWanModel, state: State, *, noise: Optional[torch.Tensor] =
         # so the clean pass refreshes the bank once more.
         state = update_memory(model, state)
         ctx = _Context(state, p0, p0 + n, recompute=False)
+        graphs = _graphs_for(model, ctx)
     with prof("memflow.clean_pass"):
-        new_kv = _clean_pass(model, state, x0, p0, ctx, kind="clean")
+        if graphs is not None:
+            new_kv = graphs.run(ctx, x0, float(sc.context_noise), "clean")
+        else:
+            new_kv = _clean_pass(model, state, x0, p0, ctx, kind="clean")
     del ctx
     with prof("memflow.commit"):
         return _commit_chunk(state, new_kv, x0), x0
@@ -270,6 +278,20 @@ def chunk_noise(seed: int, chunk: int, shape: Sequence[int], count: int) -> list
 
 # -- internals ----------------------------------------------------------------------------------
 
+def _graphs_for(model, ctx: "_Context"):
+    """The model's CUDA-graph runner, prepared for this context, when it can serve it (see graphs.py).
+
+    Never while an inspection recorder is open: recorders must see every eager call.
+    """
+    from .model import CROSS_OBSERVERS
+
+    graphs = getattr(model, "pass_graphs", None)
+    if graphs is None or RECORDERS or CROSS_OBSERVERS or not graphs.usable(ctx):
+        return None
+    graphs.prepare(ctx)
+    return graphs
+
+
 def _check(model, state: State) -> None:
     if not isinstance(state, State):
         raise TypeError(f"expected a memflow_nb State, got {type(state).__name__}")
@@ -323,7 +345,11 @@ def _chunk_noise(state, shape, noise, renoise, n_renoise):
         t = torch.as_tensor(t)
         if t.numel() != math.prod(shape):
             raise ValueError(f"{name} must have shape {list(shape)}, got {list(t.shape)}")
-        return t.reshape(shape).to(state.device, state.dtype)
+        t = t.reshape(shape)
+        if state.device.type == "cuda" and t.device.type == "cpu":
+            # Pinned memory makes the upload asynchronous: no stall of the GPU queue per chunk.
+            return t.to(state.dtype).pin_memory().to(state.device, non_blocking=True)
+        return t.to(state.device, state.dtype)
     return fit(noise, "noise"), [fit(r, f"renoise[{i}]") for i, r in enumerate(renoise[:n_renoise])]
 
 
@@ -378,13 +404,16 @@ class _Context:
         self.T = state.tokens_per_frame
         self.sink, self.bank, self.local = _layout(state, p0, p1, recompute)
         self.sma = state.stream.sma and state.stream.sink_size > 0 and bool(self.sink + self.bank)
+        self.n_glob = len(self.sink) + len(self.bank)  # SMA chooses among these leading frames
         self.ws = None
         pieces = self.sink + self.bank + self.local
         n_cur = sum(1 for kind, _ in pieces if kind == "cur")
         head, tail = pieces[:len(pieces) - n_cur], pieces[len(pieces) - n_cur:]
         cur = [val for kind, val in tail if kind == "cur"]
-        # Fast form: cached frames first, then this pass's own frames as one increasing run.
-        if (USE_WORKSPACE and not self.sma and len(cur) == n_cur and all(kind == "cache" for kind, _ in head)
+        # Fast form: cached frames first, then this pass's own frames as one increasing run (with
+        # SMA the sink and bank must be cached too, since they form the prefix SMA chooses from).
+        if (USE_WORKSPACE and len(cur) == n_cur and all(kind == "cache" for kind, _ in head)
+                and (not self.sma or len(head) >= self.n_glob)
                 and cur == list(range(cur[0] if cur else 0, (cur[0] if cur else 0) + n_cur))):
             self.prefix = [val for _, val in head]
             self.cur = (cur[0] * self.T, (cur[0] + n_cur) * self.T) if cur else (0, 0)
@@ -436,10 +465,7 @@ class _Context:
             if self.ws is not None:
                 if self.ws is False:
                     self.ws = self._workspace(k)
-                a, b = self.cur
-                self.ws[l, 0, :, self.n_pre:] = k[:, a:b]
-                self.ws[l, 1, :, self.n_pre:] = v[:, a:b]
-                keys, values = self.ws[l, 0], self.ws[l, 1]
+                return self.attend_workspace(self.ws, l, q, k, v, observers, info)
             else:
                 glob = pieces(self.sink, l, k, v) + pieces(self.bank, l, k, v)
                 loc = pieces(self.local, l, k, v)
@@ -450,8 +476,7 @@ class _Context:
                         vg = torch.cat([vg, cat(loc, 1).transpose(1, 2)], dim=2)
                     for ob in observers:
                         ob.self_attention(info, l, q, kg, sma_frames=sel)
-                    return torch.nn.functional.scaled_dot_product_attention(
-                        q.transpose(1, 2), kg, vg).transpose(1, 2)
+                    return _sdpa_bhld(q.transpose(1, 2), kg, vg).transpose(1, 2)
                 ps = glob + loc
                 keys, values = cat(ps, 0), cat(ps, 1)
             for ob in observers:
@@ -459,6 +484,30 @@ class _Context:
             return sdpa(q, keys, values)
 
         return attend
+
+    def attend_workspace(self, ws, l, q, k, v, observers=(), info=None):
+        """Attention with the context in workspace `ws` [L, 2, B, >= n_pre + n_cur, H, D]."""
+        a, b = self.cur
+        end = self.n_pre + b - a
+        ws[l, 0, :, self.n_pre:end] = k[:, a:b]
+        ws[l, 1, :, self.n_pre:end] = v[:, a:b]
+        keys, values = ws[l, 0, :, :end], ws[l, 1, :, :end]
+        if self.sma:
+            g = self.n_glob * self.T
+            kg, vg, sel = mem.sma_select(q, keys[:, :g], values[:, :g], self.T, self.state.stream.sma_top_k)
+            kg = torch.cat([kg, keys[:, g:].transpose(1, 2)], dim=2)
+            vg = torch.cat([vg, values[:, g:].transpose(1, 2)], dim=2)
+            for ob in observers:
+                ob.self_attention(info, l, q, kg, sma_frames=sel)
+            return _sdpa_bhld(q.transpose(1, 2), kg, vg).transpose(1, 2)
+        for ob in observers:
+            ob.self_attention(info, l, q, keys.transpose(1, 2))
+        return sdpa(q, keys, values)
+
+
+def _sdpa_bhld(q, k, v):
+    """SDPA on [B, H, L, D] tensors through the model's kernel preference."""
+    return sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
 
 
 def _clean_pass(model, state: State, x0: torch.Tensor, p0: int, ctx: _Context, kind: str) -> KV:
