@@ -230,25 +230,32 @@ def vae_variants(vae, height, width) -> list[dict]:
                             "per_frame": per_frame, "ms": t.ms / 3,
                             "peak_extra_gb": (torch.cuda.max_memory_allocated() - base) / 1e9})
                 print(json.dumps(out[-1]), flush=True)
-    # The whole decoder under torch.compile (cache bookkeeping traced as Python side effects).
-    try:
-        torch.backends.cudnn.benchmark = True
-        dec = vae.decoder
-        plain = dec.forward
-        dec.forward = torch.compile(plain, dynamic=False)
-        fmt = torch.contiguous_format
-        _, st = decode_chunk(vae, lat, init_decode_state(vae))
-        for _ in range(3):
-            decode_chunk(vae, lat, st)
-        with _Timer() as t:
-            for _ in range(3):
-                decode_chunk(vae, lat, st)
-        out.append({"size": f"{width}x{height}", "compiled_decoder": True, "cudnn_benchmark": True, "ms": t.ms / 3})
-        dec.forward = plain
-    except Exception as e:  # report, do not abort the benchmark
-        out.append({"size": f"{width}x{height}", "compiled_decoder": "failed", "error": repr(e)[:300]})
-        vae.decoder.forward = plain
-    print(json.dumps(out[-1]), flush=True)
+    # The whole decoder under torch.compile, against eager output for the numbers.
+    torch.backends.cudnn.benchmark = True
+    _, st = decode_chunk(vae, lat, init_decode_state(vae))
+    ref, _ = decode_chunk(vae, lat, st)
+    vae_mod.compile_vae(vae, whole=True)
+    for fmt_name, fmt in (("contiguous", torch.contiguous_format), ("channels_last", torch.channels_last_3d)):
+        for per_frame in (False, True):
+            try:
+                _, st2 = decode_chunk(vae, lat, init_decode_state(vae), memory_format=fmt, per_frame=per_frame)
+                for _ in range(2):
+                    got, _ = decode_chunk(vae, lat, st2, memory_format=fmt, per_frame=per_frame)
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+                with _Timer() as t:
+                    for _ in range(3):
+                        decode_chunk(vae, lat, st2, memory_format=fmt, per_frame=per_frame)
+                row = {"size": f"{width}x{height}", "compiled_decoder": True, "format": fmt_name,
+                       "per_frame": per_frame, "ms": t.ms / 3,
+                       "peak_extra_gb": (torch.cuda.max_memory_allocated() - base) / 1e9,
+                       "max_abs_diff_vs_eager": float((got - ref).abs().max())}
+            except Exception as e:  # report, do not abort the benchmark
+                row = {"size": f"{width}x{height}", "compiled_decoder": "failed", "error": repr(e)[:300]}
+            out.append(row)
+            print(json.dumps(row), flush=True)
+    vae.decoder.forward = vae.decoder._eager_forward
+    del vae.decoder._eager_forward
     torch.backends.cudnn.benchmark = False
     vae_mod._NORM_SILU = vae_mod._norm_silu
     return out

@@ -55,7 +55,12 @@ class PassGraphs:
         cap = (sc.sink_size + sc.bank_size + sc.prev_frames + sc.chunk_frames) * T
         shape = (cfg.num_layers, 2, B, cap, cfg.num_heads, cfg.head_dim)
         if self.ws is None or self.ws.shape != shape or self.ws.dtype != st.dtype:
-            self.entries.clear()  # captured graphs point into the old buffers
+            # Captured graphs point into the old buffers: drop them, and their memory pool with them
+            # (a pool whose graphs are all gone must not be captured into again).
+            self.entries.clear()
+            self.pool = None
+            self.ws = None
+            torch.cuda.empty_cache()
             self.ws = torch.empty(shape, device=st.device, dtype=st.dtype)
             self.text_kv = torch.empty_like(st.text_kv)
             self._text_src = None
