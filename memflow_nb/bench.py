@@ -86,10 +86,14 @@ def _decoder(vae):
     return init_decode_state, decode_chunk
 
 
-def bench_case(model, vae, height, width, mode, chunks, warm_chunks, prompt):
+def bench_case(model, vae, height, width, mode, chunks, warm_chunks, prompt, vae_per_frame=False):
     stream = StreamConfig(sma=mode == "fast")
     out = {"height": height, "width": width, "mode": mode, "decoder": type(vae).__name__}
     init_decode_state, decode_chunk = _decoder(vae)
+    if vae_per_frame and not getattr(vae, "_is_tae", False) and type(vae).__name__ == "WanVAEDecoder":
+        import functools
+        decode_chunk = functools.partial(decode_chunk, per_frame=True)
+        out["vae_per_frame"] = True
     with attention_backend(mode):
         state = init_state(model, stream, prompt, height=height, width=width, seed=0)
         vstate = init_decode_state(vae)
@@ -287,6 +291,10 @@ def profile_chunk(model, vae, height, width, mode, prompt, path=None) -> str:
     """torch.profiler over two steady-state chunks (step + decode): the top GPU and CPU ops."""
     stream = StreamConfig(sma=mode == "fast")
     init_decode_state, decode_chunk = _decoder(vae)
+    if vae_per_frame and not getattr(vae, "_is_tae", False) and type(vae).__name__ == "WanVAEDecoder":
+        import functools
+        decode_chunk = functools.partial(decode_chunk, per_frame=True)
+        out["vae_per_frame"] = True
     with attention_backend(mode):
         state = init_state(model, stream, prompt, height=height, width=width, seed=0)
         vstate = init_decode_state(vae)
@@ -317,6 +325,8 @@ def main(argv=None) -> dict:
     p.add_argument("--text-encoder", action="store_true", help="also time the umT5-XXL encoder")
     p.add_argument("--golden", action="append", default=[], help="also check bf16 accuracy on this golden file")
     p.add_argument("--vae-variants", action="store_true", help="also time VAE decode variants")
+    p.add_argument("--no-graphs", action="store_true", help="exact/fast modes without CUDA-graph replay")
+    p.add_argument("--vae-per-frame", action="store_true", help="decode one latent frame at a time (less memory)")
     p.add_argument("--profile", help="WxH: print a torch.profiler table of two chunks per mode instead of timing")
     p.add_argument("--trace-dir", help="with --profile: write chrome traces here")
     p.add_argument("--json", help="also write the results to this file")
@@ -352,9 +362,10 @@ def main(argv=None) -> dict:
             model = uncompile_model(base)
             base.pass_graphs, model_mod.SDPA_BACKENDS = None, None
         elif mode == "exact":
-            model = optimize_model(base, "exact")
+            model = optimize_model(base, "exact", graphs=not args.no_graphs)
         else:
-            model = optimize_model(random_module(lambda: CausalWanModel(cfg), dev, dtype), "fast")
+            model = optimize_model(random_module(lambda: CausalWanModel(cfg), dev, dtype), "fast",
+                                   graphs=not args.no_graphs)
         decoder = vae
         if mode != "eager":
             torch.backends.cudnn.benchmark = True
@@ -370,7 +381,9 @@ def main(argv=None) -> dict:
         for size in args.sizes.split(","):
             w, h = (int(v) for v in size.split("x"))
             t0 = time.perf_counter()
-            case = bench_case(model, decoder, h, w, mode, args.chunks, args.warm_chunks, prompt.to(dev))
+            case = bench_case(model, decoder, h, w, mode, args.chunks, args.warm_chunks, prompt.to(dev),
+                              vae_per_frame=args.vae_per_frame)
+            case["cuda_graphs_enabled"] = not args.no_graphs
             case["wall_s"] = time.perf_counter() - t0
             res["cases"].append(case)
             print(json.dumps(case), flush=True)
