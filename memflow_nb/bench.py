@@ -22,6 +22,7 @@ import torch
 
 from .config import ModelConfig, StreamConfig
 from .model import CausalWanModel, compile_model, uncompile_model
+from .generation import decoder_fns
 from .stream import _Context, init_state, step, update_memory
 from .vae import VAEConfig, WanVAEDecoder, decode_chunk, init_decode_state, to_uint8
 
@@ -77,19 +78,10 @@ def _frames(chunk: int) -> int:
     return 9 if chunk == 0 else 12
 
 
-def _decoder(vae):
-    """(init_state, decode_chunk) for the Wan VAE or the tiny TAE decoder."""
-    from .tae import TAEDecoder, init_tae_state, tae_decode_chunk
-
-    if isinstance(vae, TAEDecoder):
-        return init_tae_state, tae_decode_chunk
-    return init_decode_state, decode_chunk
-
-
 def bench_case(model, vae, height, width, mode, chunks, warm_chunks, prompt, vae_per_frame=False):
     stream = StreamConfig(sma=mode == "fast")
     out = {"height": height, "width": width, "mode": mode, "decoder": type(vae).__name__}
-    init_decode_state, decode_chunk = _decoder(vae)
+    init_decode_state, decode_chunk = decoder_fns(vae)
     if vae_per_frame and not getattr(vae, "_is_tae", False) and type(vae).__name__ == "WanVAEDecoder":
         import functools
         decode_chunk = functools.partial(decode_chunk, per_frame=True)
@@ -291,7 +283,7 @@ def vae_variants(vae, height, width) -> list[dict]:
 def profile_chunk(model, vae, height, width, mode, prompt, path=None) -> str:
     """torch.profiler over two steady-state chunks (step + decode): the top GPU and CPU ops."""
     stream = StreamConfig(sma=mode == "fast")
-    init_decode_state, decode_chunk = _decoder(vae)
+    init_decode_state, decode_chunk = decoder_fns(vae)
     if vae_per_frame and not getattr(vae, "_is_tae", False) and type(vae).__name__ == "WanVAEDecoder":
         import functools
         decode_chunk = functools.partial(decode_chunk, per_frame=True)

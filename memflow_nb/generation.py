@@ -131,6 +131,15 @@ class Video:
         return len(self.frames) / self.fps
 
 
+def decoder_fns(vae):
+    """(init_state, decode_chunk) for the Wan VAE or the tiny TAE decoder (fast previews)."""
+    from .tae import TAEDecoder, init_tae_state, tae_decode_chunk
+
+    if isinstance(vae, TAEDecoder):
+        return init_tae_state, tae_decode_chunk
+    return init_decode_state, decode_chunk
+
+
 def _device(pipe) -> torch.device:
     return next(pipe.model.parameters()).device
 
@@ -162,9 +171,10 @@ def generate(pipe, timeline: Timeline, *, seed: Optional[int] = None, height: Op
     if total < 1:
         raise ValueError(f"num_chunks={total} must be >= 1")
     dev = _device(pipe)
+    init_vae, decode = decoder_fns(vae)
     if start is None:
         seed = seed if seed is not None else (timeline.seed if timeline.seed is not None else 0)
-        start = Checkpoint(0, None, init_decode_state(vae), int(seed), _size(pipe, timeline, height, width))
+        start = Checkpoint(0, None, init_vae(vae), int(seed), _size(pipe, timeline, height, width))
     else:
         if (height or width) and (height, width) != start.size:
             raise ValueError(f"cannot resume a {start.size[0]}x{start.size[1]} stream at {height}x{width}")
@@ -191,7 +201,7 @@ def generate(pipe, timeline: Timeline, *, seed: Optional[int] = None, height: Op
                 state, switched = set_prompt(model, state, emb), True
             state, x0 = step(model, state)
             vp = next(vae.parameters())
-            pixels, vae_state = decode_chunk(vae, x0.to(vp.device, vp.dtype), vae_state)
+            pixels, vae_state = decode(vae, x0.to(vp.device, vp.dtype), vae_state)
             out = Chunk(c, to_uint8(pixels[0]), x0, state, vae_state, switched)
             if checkpoints is not None:
                 checkpoints.add(out.checkpoint())
