@@ -97,10 +97,15 @@ def _generate(args) -> int:
     else:
         height = args.height or timeline.height or pipe.default_size[0]
         width = args.width or timeline.width or pipe.default_size[1]
+    from .stream import _check_memory, _check_seed
+
     try:
-        latent_size(height, width)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+        h, w = latent_size(height, width)
+        if args.seed is not None:
+            _check_seed(args.seed)
+        _check_memory(pipe.model, pipe.stream, h, w, 1)  # refuse sizes that cannot fit, before any work
+    except (ValueError, TypeError) as e:
+        raise UsageError(f"--seed {args.seed}: {e}" if "seed" in str(e) else str(e)) from None
     chunks = _frames_to_chunks(args.frames, pipe.stream.chunk_frames) if args.frames else timeline.num_chunks
     t0 = time.perf_counter()
     switches, written = [], 0

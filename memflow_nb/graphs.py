@@ -79,7 +79,7 @@ class PassGraphs:
         e = self.entries.get(key)
         cfg = self.model.cfg
         _, ph, pw = cfg.patch_size
-        cos, sin = rope_cos_sin(cfg.head_dim, ctx.p0, f, h // ph, w // pw, x.device)
+        cos, sin = rope_cos_sin(cfg.head_dim, ctx.rope_start, f, h // ph, w // pw, x.device)
         if e is None:
             e = self._capture(ctx, x, kind, cos, sin)
             self.entries[key] = e
@@ -105,7 +105,7 @@ class PassGraphs:
 
         def run():
             rec.clear()
-            out = model(sx, st, self.text_kv, ctx.p0, attend, need_output=kind != "clean", rope=(scos, ssin))
+            out = model(sx, st, self.text_kv, ctx.rope_start, attend, need_output=kind != "clean", rope=(scos, ssin))
             return torch.stack([torch.stack(kv) for kv in rec]) if kind == "clean" else out
 
         side = torch.cuda.Stream()

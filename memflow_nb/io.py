@@ -241,15 +241,21 @@ def _meta_shapes(module_fn) -> dict[str, tuple[int, ...]]:
 
 def check_state_dict(expected: Mapping[str, tuple], sd: Mapping[str, Tensor], *, source="checkpoint",
                      what: str = "model") -> None:
-    """Raise KeyMismatch naming every missing, unexpected and wrong-shape key (first 20 of each)."""
+    """Raise KeyMismatch naming every missing, unexpected, wrong-shape or wrong-dtype key (first 20 of each).
+
+    Weights must be floating point (any float width; they are cast to the requested dtype).
+    """
     missing = sorted(k for k in expected if k not in sd)
     unexpected = sorted(k for k in sd if k not in expected)
     wrong = sorted(f"{k}: checkpoint {list(sd[k].shape)}, model {list(expected[k])}"
                    for k in expected if k in sd and tuple(sd[k].shape) != tuple(expected[k]))
+    wrong += sorted(f"{k}: dtype {sd[k].dtype} is not a floating-point type"
+                    for k in expected if k in sd and not sd[k].is_floating_point())
     if missing or unexpected or wrong:
         msg = f"{source} does not fit the {what}:\n"
         msg += "".join(_listing(t, items) for t, items in
-                       (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong)) if items)
+                       (("missing keys", missing), ("unexpected keys", unexpected),
+                        ("wrong shapes or dtypes", wrong)) if items)
         msg += "Check that the file and the config belong together (a different model size needs config=...)."
         raise KeyMismatch(msg, missing, unexpected, wrong)
 

@@ -301,6 +301,25 @@ def rope_cos_sin(head_dim: int, frame_start: int, f: int, gh: int, gw: int, devi
     return torch.cos(ang).float(), torch.sin(ang).float()
 
 
+def rotate_time(k: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """Move already-rotated keys k [..., T, H, D] by `delta` latent frames in time.
+
+    RoPE rotations compose, so rotating by delta*theta re-bases a stored key from position p to
+    p + delta exactly (up to rounding); the height/width pairs are untouched. delta broadcasts
+    against k.shape[:-1] (a scalar, or e.g. [L, B, 1, 1] for keys [L, B, T, H, D]).
+    """
+    D = k.shape[-1]
+    nt, _, _ = rope_split(D)
+    ang = delta.to(torch.float64)[..., None] * _axis_angles(torch.ones(1, device=k.device), nt)[0]  # [..., nt]
+    cos = torch.ones(*ang.shape[:-1], D // 2, dtype=torch.float64, device=k.device)
+    sin = torch.zeros_like(cos)
+    cos[..., :nt], sin[..., :nt] = torch.cos(ang), torch.sin(ang)
+    kf = k.float().unflatten(-1, (-1, 2))
+    re, im = kf[..., 0], kf[..., 1]
+    cos, sin = cos.float(), sin.float()
+    return torch.stack([re * cos - im * sin, re * sin + im * cos], dim=-1).flatten(-2).type_as(k)
+
+
 def apply_rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """Rotate adjacent pairs (x[2i], x[2i+1]) of x [B, L, H, D] by the per-token angles."""
     cos, sin = rope

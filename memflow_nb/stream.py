@@ -12,6 +12,14 @@ where a frame comes from this pass if the pass covers it (sink frames only when 
 a re-cache of already cached frames), otherwise from the cache, and unwritten sink frames are
 zeros. The cache keeps the sink frames and the last `local - sink - chunk` frames: the only ones
 any later pass reads.
+
+Positions: RoPE positions are the absolute latent-frame indices, as officially, until the next
+chunk would pass the model's table (`rope_max_positions`, 1024 for Wan2.1: about 4 minutes of
+video). Then the stream is re-based: the window's and the bank's stored keys are rotated back so
+that the next chunk starts at half the table. The spacing inside the visible window, and between
+it and every bank frame, is kept exactly; the sink keeps positions 0..sink-1, and a bank frame
+never moves before the sink (its position is max(frame - offset, sink_size)). So no position past
+the trained range is ever used and the stream never resets. See `State.pos_offset`.
 """
 from __future__ import annotations
 
@@ -32,6 +40,10 @@ KV = torch.Tensor  # [L, 2, B, T * frames, H, D]
 # Active inspection recorders (memflow_nb.inspect). Empty unless a recording context is open;
 # the engine checks it once per pass, so nothing runs and nothing is kept when it is empty.
 RECORDERS: list = []
+
+# Bank refreshes kept in State.memory_log; older ones are dropped so endless streams stay flat
+# in memory (an inspection recording keeps every event).
+MEMORY_LOG_MAX = 512
 
 
 @dataclass(frozen=True, eq=False)
@@ -60,7 +72,8 @@ class State:
     n_records: int  # records made so far (the official bank pointer)
     history: torch.Tensor  # [B, n <= local_attn_size, C, h, w] clean latents of the last frames
     records: tuple[tuple[int, torch.Tensor], ...]  # clean latents [B, C, h, w] of frames in bank/pending
-    memory_log: tuple[mem.MemoryEvent, ...]
+    memory_log: tuple[mem.MemoryEvent, ...]  # the last MEMORY_LOG_MAX bank refreshes
+    pos_offset: int = 0  # RoPE position = frame - pos_offset (see module docstring)
 
     @property
     def chunk_index(self) -> int:
@@ -115,6 +128,7 @@ def init_state(model: CausalWanModel, stream: StreamConfig, prompt_embeds: torch
     h, w = latent_size(height, width)
     _check_seed(seed)
     pe = _prompt_embeds(model, prompt_embeds)
+    _check_memory(model, stream, h, w, pe.shape[0])
     text_kv = model.text_kv(pe)
     cfg: ModelConfig = model.cfg
     B = pe.shape[0]
@@ -146,6 +160,7 @@ def step(model: CausalWanModel, state: State, *, noise: Optional[torch.Tensor] =
     shape = (B, n, model.cfg.in_dim, h, w)
     with torch.profiler.record_function("memflow.noise"):
         noise, renoise = _chunk_noise(state, shape, noise, renoise, len(steps) - 1)
+    state = _rebase(state, state.position + n)
     p0 = state.position
     prof = torch.profiler.record_function
     # The refresh runs before the blocks of the first denoising call, with the text keys as they
@@ -161,7 +176,7 @@ def step(model: CausalWanModel, state: State, *, noise: Optional[torch.Tensor] =
             if graphs is not None:
                 flow = graphs.run(ctx, x, st.timestep, "denoise")
             else:
-                flow = model(x, t, state.text_kv, p0, ctx.attend_fn("denoise", i))
+                flow = model(x, t, state.text_kv, ctx.rope_start, ctx.attend_fn("denoise", i))
             x0 = flow_to_x0(x, flow, st.sigma)
         if i + 1 < len(steps):
             x = add_noise(x0, renoise[i], steps[i + 1].sigma)
@@ -176,7 +191,7 @@ def step(model: CausalWanModel, state: State, *, noise: Optional[torch.Tensor] =
         if graphs is not None:
             new_kv = graphs.run(ctx, x0, float(sc.context_noise), "clean")
         else:
-            new_kv = _clean_pass(model, state, x0, p0, ctx, kind="clean")
+            new_kv = _clean_pass(model, state, x0, ctx, kind="clean")
     del ctx
     with prof("memflow.commit"):
         return _commit_chunk(state, new_kv, x0), x0
@@ -211,7 +226,7 @@ def set_prompt(model: CausalWanModel, state: State, prompt_embeds: torch.Tensor)
     new = update_memory(model, new)
     frames = new.history[:, -n:]
     ctx = _Context(new, s - n, s, recompute=s - n > 0)
-    new_kv = _clean_pass(model, new, frames, s - n, ctx, kind="recache")
+    new_kv = _clean_pass(model, new, frames, ctx, kind="recache")
     return dataclasses.replace(new, cache=_merge_cache(new, new_kv, s - n, s, recompute=s - n > 0))
 
 
@@ -264,7 +279,7 @@ def update_memory(model: CausalWanModel, state: State, *, text_kv: Optional[torc
         ob.memory_event(event)
     return dataclasses.replace(state, bank=slots, bank_frames=frames, bank_scores=scores,
                                records=_live_records(state.records, frames, state.pending_frame),
-                               memory_log=state.memory_log + (event,))
+                               memory_log=(state.memory_log + (event,))[-MEMORY_LOG_MAX:])
 
 
 def chunk_noise(seed: int, chunk: int, shape: Sequence[int], count: int) -> list[torch.Tensor]:
@@ -299,6 +314,40 @@ def _check(model, state: State) -> None:
     if mid != state.model_id:
         raise ValueError("this state was made with another model instance; states only step with "
                          "the model that created them (make a new one with init_state)")
+
+
+def stream_bytes(cfg: ModelConfig, stream: StreamConfig, latent_hw: tuple[int, int], batch: int = 1,
+                 elem: int = 2) -> int:
+    """Rough bytes a stream needs at this size: the state (sink, window, bank, pending, the chunk
+    being made), the attention workspace, and one pass's activations."""
+    _, ph, pw = cfg.patch_size
+    T = (latent_hw[0] // ph) * (latent_hw[1] // pw)
+    frame_kv = 2 * T * cfg.dim * cfg.num_layers * batch * elem
+    frames = stream.sink_size + stream.prev_frames + stream.bank_size + 1 + stream.chunk_frames
+    workspace = stream.sink_size + stream.bank_size + stream.prev_frames + stream.chunk_frames
+    activations = 6 * stream.chunk_frames * T * max(cfg.ffn_dim, cfg.dim) * batch * elem
+    return (frames + workspace) * frame_kv + activations
+
+
+def _free_bytes(device: torch.device):
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None  # unknown platform: no check
+
+
+def _check_memory(model, stream: StreamConfig, h: int, w: int, batch: int) -> None:
+    """Refuse, before allocating anything, a size whose stream cannot fit in free memory."""
+    p = next(model.parameters())
+    need = stream_bytes(model.cfg, stream, (h, w), batch, p.element_size())
+    free = _free_bytes(p.device)
+    if free is not None and need > free:
+        raise ValueError(f"a {h * 8}x{w * 8} stream needs about {need / 1e9:.1f} GB for its state and attention "
+                         f"workspace, but only {free / 1e9:.1f} GB is free on {p.device}; use a smaller size")
 
 
 def _check_seed(seed) -> None:
@@ -401,6 +450,7 @@ class _Context:
 
     def __init__(self, state: State, p0: int, p1: int, recompute: bool):
         self.state, self.p0, self.p1 = state, p0, p1
+        self.rope_start = p0 - state.pos_offset  # RoPE position of frame p0
         self.T = state.tokens_per_frame
         self.sink, self.bank, self.local = _layout(state, p0, p1, recompute)
         self.sma = state.stream.sma and state.stream.sink_size > 0 and bool(self.sink + self.bank)
@@ -510,13 +560,42 @@ def _sdpa_bhld(q, k, v):
     return sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
 
 
-def _clean_pass(model, state: State, x0: torch.Tensor, p0: int, ctx: _Context, kind: str) -> KV:
+def _clean_pass(model, state: State, x0: torch.Tensor, ctx: _Context, kind: str) -> KV:
     """Run x0 at t = context_noise and return this pass's keys/values [L, 2, B, f*T, H, D]."""
     B, f = x0.shape[:2]
     rec: list = []
     t = torch.full((B, f), float(state.stream.context_noise), device=state.device, dtype=torch.float32)
-    model(x0, t, state.text_kv, p0, ctx.attend_fn(kind, -1, record=rec), need_output=False)
+    model(x0, t, state.text_kv, ctx.rope_start, ctx.attend_fn(kind, -1, record=rec), need_output=False)
     return torch.stack([torch.stack(kv) for kv in rec])
+
+
+def _rotate_kv(kv: KV, delta) -> KV:
+    """kv [L, 2, B, T, H, D] with its keys moved by delta frames (scalar or [L, B])."""
+    from .model import rotate_time
+
+    d = torch.as_tensor(delta, device=kv.device)
+    if d.dim() == 2:
+        d = d[:, :, None, None]
+    return torch.stack([rotate_time(kv[:, 0], d), kv[:, 1]], dim=1)
+
+
+def _rebase(state: State, next_end: int) -> State:
+    """Re-base RoPE positions when a pass ending at frame `next_end` would pass the table."""
+    table = state.model_config.rope_max_positions
+    if next_end - state.pos_offset <= table:
+        return state
+    s = state.stream.sink_size
+    old, new = state.pos_offset, state.position - table // 2
+    cache = tuple((f, kv if f < s else _rotate_kv(kv, old - new)) for f, kv in state.cache)
+
+    def moved(frames: torch.Tensor) -> torch.Tensor:  # position change of bank-like frames
+        return (frames - new).clamp(min=s) - (frames - old).clamp(min=s)
+
+    bank = tuple(_rotate_kv(slot, moved(state.bank_frames[:, :, j])) for j, slot in enumerate(state.bank))
+    pending = state.pending
+    if pending is not None:
+        pending = _rotate_kv(pending, int(moved(torch.tensor(state.pending_frame))))
+    return dataclasses.replace(state, cache=cache, bank=bank, pending=pending, pos_offset=new)
 
 
 def _merge_cache(state: State, new_kv: KV, p0: int, p1: int, recompute: bool):

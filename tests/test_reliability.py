@@ -1,0 +1,212 @@
+"""Reliability: endless streams, interrupts, bad input, determinism across processes."""
+import dataclasses
+import hashlib
+import json
+import gc
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+import memflow_nb.model as model_mod
+import memflow_nb.stream as stream_mod
+from conftest import make_tiny_model, make_tiny_vae
+from memflow_nb.config import StreamConfig
+from memflow_nb.generation import Checkpoint, generate
+from memflow_nb.hub import load
+from memflow_nb.stream import init_state, set_prompt, step
+from memflow_nb.timeline import Timeline
+from memflow_nb.vae import decode_chunk, init_decode_state
+from test_engine import tiny_prompt
+
+
+# -- streams past the RoPE table --------------------------------------------------------------------
+
+def run_chunks(model, n, stream, hw=(32, 32), seed=0):
+    state = init_state(model, stream, tiny_prompt(0), height=hw[0], width=hw[1], seed=seed)
+    outs = []
+    for _ in range(n):
+        state, x0 = step(model, state)
+        outs.append(x0)
+    return state, outs
+
+
+def test_rebasing_keeps_window_attention_exact():
+    """With window-only attention (no sink, no bank) only relative positions matter, so a stream
+    re-based many times equals one with an unlimited position table."""
+    stream = StreamConfig(sink_size=0, bank_size=0, local_attn_size=6)
+    small = make_tiny_model(rope_max_positions=15)
+    big = make_tiny_model(rope_max_positions=10 ** 6)
+    s_small, a = run_chunks(small, 20, stream)
+    s_big, b = run_chunks(big, 20, stream)
+    assert s_small.pos_offset > 0 and s_big.pos_offset == 0
+    assert max((x - y).abs().max().item() for x, y in zip(a, b)) < 1e-4
+
+
+def test_positions_never_pass_the_table(monkeypatch):
+    model = make_tiny_model(rope_max_positions=24)
+    seen = []
+    real = model_mod.rope_cos_sin
+
+    def spy(head_dim, frame_start, f, gh, gw, device, frame_positions=None):
+        seen.append(frame_start + f)
+        return real(head_dim, frame_start, f, gh, gw, device, frame_positions)
+
+    monkeypatch.setattr(model_mod, "rope_cos_sin", spy)
+    state, outs = run_chunks(model, 30, StreamConfig())  # sink, bank and compressions included
+    state = set_prompt(model, state, tiny_prompt(3))  # a re-cache after re-basing
+    state, x = step(model, state)
+    assert max(seen) <= 24 and state.pos_offset > 0 and torch.isfinite(x).all()
+    assert (state.bank_frames >= 0).all() and len(state.bank) == 3
+
+
+@pytest.mark.slow
+def test_ten_minute_stream_with_flat_memory():
+    """2,400 video frames (200 chunks, 10 minutes at 16 fps) with many re-basings and the VAE
+    decoding every chunk: state bytes are constant after warm-up, process memory does not grow."""
+    model = make_tiny_model(rope_max_positions=64)
+    vae = make_tiny_vae()
+    state = init_state(model, StreamConfig(), tiny_prompt(0), height=32, width=32, seed=1)
+    vstate = init_decode_state(vae)
+    frames, state_bytes, rss = 0, [], []
+    for c in range(200):
+        state, x0 = step(model, state)
+        pixels, vstate = decode_chunk(vae, x0, vstate)
+        frames += pixels.shape[1]
+        state_bytes.append(state.nbytes() + sum(t.untyped_storage().nbytes() for t in vstate.caches))
+        if c % 10 == 0:
+            gc.collect()
+            with open("/proc/self/statm") as f:  # resident set size now, in pages
+                rss.append(int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE"))
+    assert frames == 2397  # 9 + 12 * 199; the next chunk takes it past 2,400
+    assert state.pos_offset > 0
+    # The state cycles with the 3-chunk record period (which frames the bank keeps latents for)
+    # but never grows: the last 100 chunks stay within the range of chunks 30-100.
+    assert max(state_bytes[100:]) <= max(state_bytes[30:100]), "state memory grows"
+    assert max(state_bytes[30:]) - min(state_bytes[30:]) < 0.05 * max(state_bytes)
+    # Resident memory sampled every 10 chunks: the last five samples against chunks 50-100.
+    assert np.median(rss[-5:]) - np.median(rss[5:10]) < 32 * 2 ** 20, "process memory grew by more than 32 MiB"
+
+
+# -- interrupts -------------------------------------------------------------------------------------
+
+class Interrupter:
+    """A recorder that presses the notebook's stop button in the middle of chunk `at`."""
+
+    def __init__(self, at):
+        self.at = at
+
+    def self_attention(self, info, layer, q, k, sma_frames=None):
+        if info.chunk == self.at and layer == 1:
+            raise KeyboardInterrupt
+
+    def memory_event(self, event):
+        pass
+
+
+def test_interrupt_mid_chunk_keeps_yielded_frames_and_resumes_exactly(monkeypatch):
+    pipe = load("tiny", dtype=torch.float32)
+    tl = Timeline(segments=[{"start": 0, "end": 6, "prompts": [{"text": "a boat on a lake at dawn, mist"}]}],
+                  unit="chunks", height=32, width=32)
+    reference = [c.frames for c in generate(pipe, tl, seed=5, progress=False)]
+    kept = []
+    monkeypatch.setattr(stream_mod, "RECORDERS", [Interrupter(at=3)])
+    with pytest.raises(KeyboardInterrupt):
+        for ch in generate(pipe, tl, seed=5, progress=False):
+            kept.append(ch)
+    monkeypatch.setattr(stream_mod, "RECORDERS", [])
+    assert [c.index for c in kept] == [0, 1, 2]
+    rest = [c.frames for c in generate(pipe, tl, start=kept[-1].checkpoint(), progress=False)]
+    got = [c.frames for c in kept] + rest
+    assert len(got) == len(reference) and all(np.array_equal(a, b) for a, b in zip(got, reference))
+
+
+def test_interrupted_step_leaves_the_state_usable(tiny_model, monkeypatch):
+    state, _ = run_chunks(tiny_model, 4, StreamConfig())
+    before = step(tiny_model, state)[1]
+    monkeypatch.setattr(stream_mod, "RECORDERS", [Interrupter(at=4)])
+    with pytest.raises(KeyboardInterrupt):
+        step(tiny_model, state)
+    monkeypatch.setattr(stream_mod, "RECORDERS", [])
+    assert torch.equal(step(tiny_model, state)[1], before)
+
+
+# -- bad input ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("height, width, message", [
+    (0, 64, "height=0"), (64, -16, "width=-16"), (100, 64, "not divisible by 16"),
+    ("480", 64, "height='480'"), (16 * 4096, 16 * 4096, "GB is free"),
+])
+def test_absurd_resolutions_fail_before_allocating(tiny_model, height, width, message):
+    with pytest.raises(ValueError, match=message):
+        init_state(tiny_model, StreamConfig(), tiny_prompt(0), height=height, width=width)
+
+
+@pytest.mark.parametrize("seed, error", [(-1, ValueError), (2 ** 63, ValueError), ("7", TypeError),
+                                         (1.5, TypeError), (True, TypeError)])
+def test_seeds_outside_the_generator_range(tiny_model, seed, error):
+    with pytest.raises(error, match="seed"):
+        init_state(tiny_model, StreamConfig(), tiny_prompt(0), height=32, width=32, seed=seed)
+
+
+def test_nan_prompt_embeddings_are_refused(tiny_model):
+    pe = tiny_prompt(0)
+    pe[0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        init_state(tiny_model, StreamConfig(), pe, height=32, width=32)
+
+
+def test_long_prompt_warns_and_empty_prompt_is_refused():
+    pipe = load("tiny")
+    with pytest.warns(UserWarning, match="dropped"):
+        emb = pipe.text(["a very long description of a harbour at night " * 250])  # 10,000+ characters
+    assert emb.shape[1] == 512
+    with pytest.raises(Exception, match="empty"):
+        Timeline(segments=[{"start": 0, "end": 1, "prompts": [{"text": ""}]}], unit="chunks")
+
+
+def test_thousands_of_segments():
+    segs = [{"start": i, "end": i + 1, "prompts": [{"text": f"scene {i % 7}: a lighthouse on a cliff at dusk"}]}
+            for i in range(3000)]
+    tl = Timeline(segments=segs, unit="chunks")
+    assert tl.num_chunks == 3000 and len(tl.effective_switches()) >= 2999
+    assert Timeline.from_scope_json(tl.to_scope_json()).num_chunks == 3000
+
+
+def test_cli_rejects_a_bad_seed(tmp_path, capsys):
+    from memflow_nb.cli import main
+
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps(Timeline(segments=[{"start": 0, "end": 1, "prompts": [{"text": "a cat"}]}],
+                                        unit="chunks").to_scope_json()))
+    rc = main(["generate", str(path), "-o", str(tmp_path / "o.mp4"), "--model", "tiny", "--seed", "-3",
+               "--height", "32", "--width", "32", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "seed" in err and len(err.strip().splitlines()) == 1
+
+
+# -- determinism across processes ------------------------------------------------------------------------
+
+SCRIPT = textwrap.dedent("""
+    import hashlib, numpy as np, torch
+    import memflow_nb as mf
+    pipe = mf.load("tiny")
+    tl = mf.Timeline(segments=[{"start": 0, "end": 2, "prompts": [{"text": "a fox in the snow"}]},
+                               {"start": 2, "end": 4, "prompts": [{"text": "a fox asleep under a pine"}]}],
+                     unit="chunks", height=32, width=48)
+    frames = np.concatenate([c.frames for c in mf.generate(pipe, tl, seed=11, progress=False)])
+    print(hashlib.sha256(frames.tobytes()).hexdigest())
+""")
+
+
+def test_same_seed_same_bits_across_processes(tmp_path):
+    digests = []
+    for _ in range(2):
+        r = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        digests.append(r.stdout.strip().splitlines()[-1])
+    assert digests[0] == digests[1] and len(digests[0]) == 64
