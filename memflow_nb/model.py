@@ -42,16 +42,9 @@ def layer_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
     return F.layer_norm(x, x.shape[-1:], eps=eps)
 
 
-class SelfAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        d = cfg.dim
-        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
-        self.norm_q = RMSNorm(d, cfg.eps)
-        self.norm_k = RMSNorm(d, cfg.eps)
+class AttentionProjections(nn.Module):
+    """q, k, v, o projections with RMS-normed q and k: Wan's self_attn and cross_attn parameters."""
 
-
-class CrossAttention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         d = cfg.dim
@@ -64,9 +57,9 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.self_attn = SelfAttention(cfg)
+        self.self_attn = AttentionProjections(cfg)
         self.norm3 = nn.LayerNorm(cfg.dim, eps=cfg.eps, elementwise_affine=True)
-        self.cross_attn = CrossAttention(cfg)
+        self.cross_attn = AttentionProjections(cfg)
         self.ffn = nn.Sequential(nn.Linear(cfg.dim, cfg.ffn_dim), nn.GELU(approximate="tanh"),
                                  nn.Linear(cfg.ffn_dim, cfg.dim))
         self.modulation = nn.Parameter(torch.zeros(1, 6, cfg.dim))

@@ -41,7 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .io import WeightsCorrupt, WeightsNotFound, check_state_dict, read_checkpoint
-from .vae import WAN21_LATENT_MEAN, WAN21_LATENT_STD
+from .vae import WAN21_LATENT_MEAN, WAN21_LATENT_STD, build_loaded, split_state_dict
 
 __all__ = ["TAEConfig", "TAEDecoder", "TAEDecodeState", "split_tae_state_dict", "load_tae_decoder",
            "init_tae_state", "tae_decode_chunk", "tae_decode_video", "load_tae", "tae_download_command",
@@ -189,17 +189,8 @@ class TAEDecoder(nn.Module):
 
 
 def split_tae_state_dict(sd: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Full TAE state dict -> (everything but the encoder keys, sorted encoder keys dropped).
-
-    Unknown keys stay in the first dict, so a strict load still fails on them.
-    """
-    keep, skipped = {}, []
-    for k, v in sd.items():
-        if k.startswith(ENCODER_PREFIXES):
-            skipped.append(k)
-        else:
-            keep[k] = v
-    return keep, sorted(skipped)
+    """Full TAE state dict -> (everything but the encoder keys, sorted encoder keys dropped)."""
+    return split_state_dict(sd, ENCODER_PREFIXES)
 
 
 def load_tae_decoder(sd: Mapping[str, torch.Tensor], config: TAEConfig = TAEConfig(), *,
@@ -211,11 +202,7 @@ def load_tae_decoder(sd: Mapping[str, torch.Tensor], config: TAEConfig = TAEConf
     unexpected or mis-shaped keys (torch's strict load).
     """
     dec_sd, skipped = split_tae_state_dict(sd)
-    with torch.device("meta"):
-        tae = TAEDecoder(config)
-    tae.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in dec_sd.items()},
-                        strict=True, assign=True)
-    return tae.eval().requires_grad_(False), skipped
+    return build_loaded(TAEDecoder, config, dec_sd, device, dtype), skipped
 
 
 # ----------------------------------------------------------------------------------- streaming

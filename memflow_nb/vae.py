@@ -278,18 +278,30 @@ class WanVAEDecoder(nn.Module):
         self.num_cache_slots = len(cached)
 
 
-def split_vae_state_dict(sd: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Full VAE state dict -> (everything but the encoder keys, sorted encoder keys dropped).
-
-    Unknown keys stay in the first dict, so a strict load still fails on them.
-    """
+def split_state_dict(sd: Mapping[str, torch.Tensor], prefixes: tuple[str, ...]
+                     ) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """(keys not starting with `prefixes`, sorted keys that do). Unknown keys stay in the first
+    dict, so a strict load still fails on them."""
     keep, skipped = {}, []
     for k, v in sd.items():
-        if k.startswith(ENCODER_PREFIXES):
+        if k.startswith(prefixes):
             skipped.append(k)
         else:
             keep[k] = v
     return keep, sorted(skipped)
+
+
+def build_loaded(cls, config, sd: Mapping[str, torch.Tensor], device, dtype):
+    """cls(config) built on the meta device, loaded strictly by name (assign), eval, no grads."""
+    with torch.device("meta"):
+        module = cls(config)
+    module.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in sd.items()}, strict=True, assign=True)
+    return module.eval().requires_grad_(False)
+
+
+def split_vae_state_dict(sd: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Full VAE state dict -> (everything but the encoder keys, sorted encoder keys dropped)."""
+    return split_state_dict(sd, ENCODER_PREFIXES)
 
 
 def load_vae_decoder(sd: Mapping[str, torch.Tensor], config: VAEConfig = VAEConfig(), *,
@@ -301,11 +313,7 @@ def load_vae_decoder(sd: Mapping[str, torch.Tensor], config: VAEConfig = VAEConf
     unexpected or mis-shaped keys.
     """
     dec_sd, skipped = split_vae_state_dict(sd)
-    with torch.device("meta"):
-        vae = WanVAEDecoder(config)
-    vae.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in dec_sd.items()},
-                        strict=True, assign=True)
-    return vae.eval().requires_grad_(False), skipped
+    return build_loaded(WanVAEDecoder, config, dec_sd, device, dtype), skipped
 
 
 # ----------------------------------------------------------------------------------- streaming
