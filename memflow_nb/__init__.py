@@ -13,6 +13,7 @@ from .stream import State, init_state, set_prompt, state_to, step, update_memory
 from .timeline import Timeline, TimelineError, from_official_jsonl, to_official_jsonl
 from .vae import decode_chunk, init_decode_state, to_uint8
 from .video import read_video, show_video, write_video
+from .widgets import TimelineEditor
 
 __version__ = "0.1.0"
 
@@ -22,5 +23,5 @@ __all__ = [
     "Timeline", "TimelineError", "from_official_jsonl", "to_official_jsonl",
     "generate", "generate_video", "resume", "Checkpoint", "Checkpoints", "Chunk", "Video",
     "decode_chunk", "init_decode_state", "to_uint8", "write_video", "read_video", "show_video",
-    "record_attention", "bank_slots", "bank_history", "bank_thumbnails",
+    "record_attention", "bank_slots", "bank_history", "bank_thumbnails", "TimelineEditor",
 ]
