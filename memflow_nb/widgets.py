@@ -35,6 +35,18 @@ __all__ = ["TimelineEditor"]
 METHODS = ("slerp", "linear")  # transition interpolation; slerp is Scope's default for MemFlow
 _RED = "2px solid #d33"
 _PREVIEW_MIN_WIDTH = 320  # tiny frames (32x48) are upscaled to at least this many pixels
+_AUTO = {"description_width": "initial"}  # labels take their natural width instead of being cut
+
+
+def _field(widget_type, description: str, width: str, **kw):
+    """A labelled input whose label is never truncated (`width` is the input's room, label included)."""
+    return widget_type(description=description, style=_AUTO, layout=W.Layout(width=width), **kw)
+
+
+def _button(description: str = "", icon: str = "", tooltip: str = "", **kw):
+    """A button as wide as its label (icon-only buttons stay square)."""
+    width = "auto" if description else "2.6em"
+    return W.Button(description=description, icon=icon, tooltip=tooltip, layout=W.Layout(width=width), **kw)
 
 PromptsLike = Union[str, Sequence[Union[str, tuple, dict]]]
 
@@ -97,11 +109,11 @@ class _PromptRow:
 
     def __init__(self, text: str, weight: float):
         self.text = W.Textarea(value=text, placeholder="Describe the subject, the setting, the action and the camera.",
-                               continuous_update=False, layout=W.Layout(width="100%", height="5.5em"))
-        self.weight = W.FloatText(value=weight, description="weight", style={"description_width": "3.5em"},
-                                  layout=W.Layout(width="9.5em"))
-        self.remove = W.Button(icon="times", tooltip="remove this prompt from the blend", layout=W.Layout(width="2.6em"))
-        self.box = W.HBox([self.text, W.VBox([self.weight, self.remove])], layout=W.Layout(width="100%"))
+                               continuous_update=False, layout=W.Layout(flex="1 1 auto", width="auto", height="5.5em"))
+        self.weight = _field(W.FloatText, "weight", "10em", value=weight)
+        self.remove = _button(icon="times", tooltip="remove this prompt from the blend")
+        self.box = W.HBox([self.text, W.VBox([self.weight, self.remove], layout=W.Layout(flex="0 0 auto"))],
+                          layout=W.Layout(width="100%"))
 
 
 class _SegmentBox:
@@ -111,23 +123,18 @@ class _SegmentBox:
                  transition_steps: int, transition_method: str):
         self._editor = editor
         self.header = W.HTML()
-        short = W.Layout(width="2.6em")
-        self.up = W.Button(icon="arrow-up", tooltip="move this segment earlier", layout=short)
-        self.down = W.Button(icon="arrow-down", tooltip="move this segment later", layout=short)
-        self.remove = W.Button(icon="trash", tooltip="remove this segment", layout=short)
-        self.add_prompt = W.Button(description="blend in a prompt", icon="plus",
-                                   tooltip="add a weighted prompt to this segment's blend")
-        self.duration = W.FloatText(value=duration, description="seconds", step=0.5,
-                                    style={"description_width": "4em"}, layout=W.Layout(width="11em"))
-        self.transition_steps = W.IntText(value=transition_steps, description="transition (chunks)",
-                                          style={"description_width": "8.5em"}, layout=W.Layout(width="14em"),
-                                          tooltip="0: hard cut; N: reach this segment's prompt over N chunks")
-        self.transition_method = W.Dropdown(options=METHODS, value=transition_method, description="method",
-                                            style={"description_width": "4em"}, layout=W.Layout(width="12em"))
+        self.up = _button(icon="arrow-up", tooltip="move this segment earlier")
+        self.down = _button(icon="arrow-down", tooltip="move this segment later")
+        self.remove = _button(icon="trash", tooltip="remove this segment")
+        self.add_prompt = _button("blend in a prompt", "plus", "add a weighted prompt to this segment's blend")
+        self.duration = _field(W.FloatText, "seconds", "11em", value=duration, step=0.5)
+        self.transition_steps = _field(W.IntText, "transition (chunks)", "14em", value=transition_steps,
+                                       tooltip="0: hard cut; N: reach this segment's prompt over N chunks")
+        self.transition_method = _field(W.Dropdown, "method", "11em", options=METHODS, value=transition_method)
         self.prompts: list[_PromptRow] = []
         self.prompt_box = W.VBox(layout=W.Layout(width="100%"))
-        self.box = W.VBox([W.HBox([self.header, self.up, self.down, self.remove],
-                                  layout=W.Layout(justify_content="space-between", width="100%")),
+        self.header.layout = W.Layout(flex="1 1 auto")
+        self.box = W.VBox([W.HBox([self.header, self.up, self.down, self.remove], layout=W.Layout(width="100%")),
                            self.prompt_box,
                            W.HBox([self.add_prompt, self.duration, self.transition_steps, self.transition_method])],
                           layout=W.Layout(border="1px solid #ccc", padding="4px", margin="2px 0", width="100%"))
@@ -220,38 +227,32 @@ class TimelineEditor:
 
     def _build(self, height, width, seed, max_chunks) -> None:
         dh, dw = getattr(self.pipe, "default_size", (480, 832))
-        small = {"description_width": "4em"}
         self.summary = W.HTML()
         self.segment_box = W.VBox(layout=W.Layout(width="100%"))
-        self.add_button = W.Button(description="segment", icon="plus",
-                                   tooltip="add a segment at the end (it starts as a copy of the last one's prompts)")
-        self.seed = W.IntText(value=0 if seed is None else seed, description="seed", style=small,
-                              layout=W.Layout(width="12em"))
-        self.height = W.IntText(value=height or dh, description="height", style=small, layout=W.Layout(width="10em"))
-        self.width = W.IntText(value=width or dw, description="width", style=small, layout=W.Layout(width="10em"))
-        self.max_chunks = W.IntText(value=max_chunks, description="max chunks", style={"description_width": "6em"},
-                                    layout=W.Layout(width="11em"), tooltip="0: the whole timeline")
-        self.generate_button = W.Button(description="Generate", icon="play", button_style="primary",
-                                        tooltip="generate the whole timeline, showing each chunk as it arrives")
+        self.add_button = _button("segment", "plus", "add a segment at the end (a copy of the last one's prompts)")
+        self.add_button.layout.align_self = "flex-start"  # not stretched across the editor
+        self.seed = _field(W.IntText, "seed", "12em", value=0 if seed is None else seed)
+        self.height = _field(W.IntText, "height", "10em", value=height or dh, tooltip="a multiple of 16")
+        self.width = _field(W.IntText, "width", "10em", value=width or dw, tooltip="a multiple of 16")
+        self.max_chunks = _field(W.IntText, "max chunks", "11em", value=max_chunks, tooltip="0: the whole timeline")
+        self.generate_button = _button("Generate", "play", "generate the timeline, showing each chunk as it arrives",
+                                       button_style="primary")
         self.generate_button.add_class("memflow-generate")  # a stable hook for browser tests
-        self.stop_button = W.Button(description="Stop", icon="stop", disabled=True,
-                                    tooltip="stop after the chunk being generated")
+        self.stop_button = _button("Stop", "stop", "stop after the chunk being generated", disabled=True)
         self.progress = W.IntProgress(value=0, min=0, max=1, layout=W.Layout(width="14em"))
         self.status = W.HTML()
         self.error_box = W.HTML()
-        self.preview = W.Image(format="png", layout=W.Layout(display="none"))  # shown from the first chunk
+        # The latest chunk's last frame; hidden until the first chunk, at most half a 832-pixel frame wide.
+        self.preview = W.Image(format="png", layout=W.Layout(display="none", max_width="416px", height="auto"))
         self.video = W.HTML()
-        self.regenerate_chunk = W.BoundedIntText(value=0, min=0, max=0, description="from chunk",
-                                                 style={"description_width": "6em"}, layout=W.Layout(width="12em"))
+        self.regenerate_chunk = _field(W.BoundedIntText, "from chunk", "12em", value=0, min=0, max=0)
         self.regenerate_info = W.HTML()
-        self.regenerate_button = W.Button(description="Regenerate from here", icon="redo", disabled=True,
-                                          tooltip="keep the chunks before this one, regenerate the rest "
-                                                  "with the timeline as edited now")
+        self.regenerate_button = _button("Regenerate from here", "redo", "keep the chunks before this one and "
+                                         "regenerate the rest with the timeline as edited now", disabled=True)
         self.json_text = W.Textarea(placeholder="Paste a Scope timeline (.json) here and press Import",
                                     layout=W.Layout(width="100%", height="12em"))
-        self.import_button = W.Button(description="Import", icon="upload", tooltip="read the JSON above")
-        self.export_button = W.Button(description="Export", icon="download",
-                                      tooltip="write the timeline as Scope JSON above and as a download link")
+        self.import_button = _button("Import", "upload", "read the JSON above")
+        self.export_button = _button("Export", "download", "write the timeline as Scope JSON above and as a link")
         self.upload = W.FileUpload(accept=".json", multiple=False, description="Open file")
         self.download = W.HTML()
         self.log = W.Output()  # tracebacks of unexpected errors (validation errors go to error_box)
@@ -280,7 +281,7 @@ class TimelineEditor:
             W.HBox([self.generate_button, self.stop_button, self.progress, self.status],
                    layout=W.Layout(align_items="center")),
             self.error_box,
-            W.HBox([self.preview, self.video], layout=W.Layout(align_items="flex-start")),
+            W.HBox([self.preview, self.video], layout=W.Layout(align_items="flex-start", flex_flow="row wrap")),
             W.HBox([self.regenerate_chunk, self.regenerate_button, self.regenerate_info],
                    layout=W.Layout(align_items="center")),
             accordion,
