@@ -1,7 +1,6 @@
 """The notebooks: each runs top to bottom on the tiny model (MEMFLOW_NB_MODEL=tiny, MEMFLOW_NB_FAST=1)
 in a real kernel, they use only the public API, and none is committed with outputs."""
 import json
-import os
 import re
 import shutil
 from pathlib import Path
@@ -9,6 +8,8 @@ from pathlib import Path
 import nbformat
 import pytest
 from nbclient import NotebookClient
+
+from jupyter_env import kernel_env
 
 import memflow_nb as mf
 
@@ -86,10 +87,8 @@ def run_notebook(path: Path, tmp_path: Path, monkeypatch) -> nbformat.NotebookNo
     copy = tmp_path / "notebooks" / path.name
     shutil.copy(path, copy)
     shutil.copytree(ROOT / "data", tmp_path / "data")
-    monkeypatch.setenv("MEMFLOW_NB_MODEL", "tiny")
-    monkeypatch.setenv("MEMFLOW_NB_FAST", "1")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    for key, value in kernel_env(tmp_path).items():
+        monkeypatch.setenv(key, value)
     monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")  # figures as outputs
     nb = nbformat.read(copy, as_version=4)
     NotebookClient(nb, timeout=300, kernel_name="python3",
