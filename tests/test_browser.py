@@ -198,6 +198,23 @@ def test_notebook_02_generates_a_video_in_jupyterlab(lab):
             # The live preview showed the last chunk's frame, as a PNG.
             assert (page.locator(".jp-Notebook img[src^='blob:'], .jp-Notebook img[src^='data:image/png']")
                     .count() >= 1)
+
+            # Stop reaches the kernel while it generates (generation runs in a thread). A long run:
+            # the whole 43-chunk timeline at 128x224, about a second per chunk on a CPU.
+            for label, value in (("height", "128"), ("width", "224"), ("max chunks", "0")):
+                field = page.locator(".widget-inline-hbox", has=page.locator("label", has_text=re.compile(
+                    f"^{label}$"))).locator("input")
+                field.fill(value)
+                field.press("Enter")
+            generate.click()
+            page.get_by_text(re.compile(r"chunk \d+/43,")).wait_for(timeout=120_000)
+            page.locator("button", has_text=re.compile(r"^\s*Stop\s*$")).click()
+            stopped = page.get_by_text(re.compile(r"stopped after (\d+) of 43 chunks"))
+            stopped.wait_for(timeout=120_000)
+            text = stopped.inner_text()
+            made = int(re.search(r"stopped after (\d+) of", text).group(1))
+            assert 1 <= made < 43 and "at 128x224" in text
+            assert page.locator(".jp-Notebook video").count() >= 1
         except Exception:
             page.screenshot(path=str(shot.with_name("browser_notebook02_failure.png")))
             print("\n".join(console[-40:]))
