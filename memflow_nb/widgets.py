@@ -1,5 +1,5 @@
 """A prompt-timeline editor for notebooks, built from core ipywidgets only (no extension to
-install, so it runs in Colab, JupyterLab and VS Code).
+install, so it runs in Colab and JupyterLab).
 
     editor = TimelineEditor(pipe, mf.Timeline.from_scope_json("data/timeline_lighthouse.scope.json"))
     editor                      # shows it; the buttons call the methods below
@@ -47,6 +47,7 @@ def _button(description: str = "", icon: str = "", tooltip: str = "", **kw):
     """A button as wide as its label (icon-only buttons stay square)."""
     width = "auto" if description else "2.6em"
     return W.Button(description=description, icon=icon, tooltip=tooltip, layout=W.Layout(width=width), **kw)
+
 
 PromptsLike = Union[str, Sequence[Union[str, tuple, dict]]]
 
@@ -508,6 +509,8 @@ class TimelineEditor:
         text = (content.tobytes() if isinstance(content, memoryview) else bytes(content)).decode("utf-8")
         self.json_text.value = text
         self.import_scope_json(text)
+        if isinstance(files, tuple):
+            self.upload.value = ()  # so that choosing the same file again is seen as a change
 
     # -- generation --------------------------------------------------------------------------
 
@@ -519,17 +522,18 @@ class TimelineEditor:
     def generate(self) -> Optional[np.ndarray]:
         """What the Generate button does, in this thread: returns the frames, or None after an error
         (the error is shown in the editor, as for the button)."""
-        return self._run(self._generate)
+        return None if self._refuse_if_busy() else self._run(self._generate)
 
     def regenerate_from(self, chunk: int) -> Optional[np.ndarray]:
         """Keep the chunks before `chunk` bit for bit and regenerate from it with the timeline as
         edited now (same seed unless it was changed). Returns the frames, or None after an error."""
-        return self._run(lambda: self._regenerate(chunk))
+        return None if self._refuse_if_busy() else self._run(lambda: self._regenerate(chunk))
 
     def stop(self) -> None:
         """Ask a running generation to stop once the chunk in progress is done."""
         self._stop.set()
-        self._set_status("stopping after this chunk...")
+        if self._busy():
+            self._set_status("stopping after this chunk...")
 
     def wait(self, timeout: Optional[float] = None) -> bool:
         """Wait for a background run (started by a button); True when none is running anymore."""
@@ -541,10 +545,15 @@ class TimelineEditor:
     def _busy(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    def _launch(self, work: Callable[[], Any]) -> None:
-        """Run `work` as the buttons do: in a background thread (or here when background is False)."""
+    def _refuse_if_busy(self) -> bool:
         if self._busy():
             self._set_status("already generating: press Stop first")
+            return True
+        return False
+
+    def _launch(self, work: Callable[[], Any]) -> None:
+        """Run `work` as the buttons do: in a background thread (or here when background is False)."""
+        if self._refuse_if_busy():
             return
         if not self.background:
             self._run(work)

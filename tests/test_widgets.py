@@ -212,6 +212,19 @@ def test_stop_between_chunks_then_continue(pipe, editor):
     assert np.array_equal(editor.frames, reference(pipe, editor.timeline))
 
 
+def test_a_second_generate_while_one_runs_is_refused(editor):
+    seen = []
+
+    def during(change):
+        if change["new"] == 1:  # inside the background run, after its first chunk
+            seen.extend([editor.generate(), editor.status.value])
+
+    editor.progress.observe(during, names="value")
+    click_and_wait(editor, editor.generate_button)
+    assert seen[0] is None and "already generating" in seen[1]
+    assert editor.frames.shape[0] == N_FRAMES and "done: 5 chunks" in editor.status.value
+
+
 def test_max_chunks_makes_a_short_preview(editor):
     editor.max_chunks.value = 2
     frames = editor.generate()
