@@ -19,6 +19,7 @@ _EXPORTS = {
     "vae": ["decode_chunk", "init_decode_state", "to_uint8"],
     "video": ["write_video", "read_video", "show_video"],
     "inspect": ["record_attention", "bank_slots", "bank_history", "bank_thumbnails"],
+    "widgets": ["TimelineEditor"],
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_WHERE)
