@@ -26,7 +26,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 import ipywidgets as W
 import numpy as np
 
-from .generate import Checkpoints, generate, resume
+from .generation import Checkpoints, generate, resume
 from .timeline import Timeline, TimelineError, time_of_chunk
 from .video import FPS, show_video
 
