@@ -21,7 +21,7 @@ import time
 import torch
 
 from .config import ModelConfig, StreamConfig
-from .model import CausalWanModel, compile_model, uncompile_model
+from .model import CausalWanModel, uncompile_model
 from .generation import decoder_fns
 from .stream import _Context, init_state, step, update_memory
 from .vae import VAEConfig, WanVAEDecoder, decode_chunk, init_decode_state, to_uint8
@@ -82,7 +82,7 @@ def bench_case(model, vae, height, width, mode, chunks, warm_chunks, prompt, vae
     stream = StreamConfig(sma=mode == "fast")
     out = {"height": height, "width": width, "mode": mode, "decoder": type(vae).__name__}
     init_decode_state, decode_chunk = decoder_fns(vae)
-    if vae_per_frame and not getattr(vae, "_is_tae", False) and type(vae).__name__ == "WanVAEDecoder":
+    if vae_per_frame and isinstance(vae, WanVAEDecoder):
         import functools
         decode_chunk = functools.partial(decode_chunk, per_frame=True)
         out["vae_per_frame"] = True
@@ -284,10 +284,6 @@ def profile_chunk(model, vae, height, width, mode, prompt, path=None) -> str:
     """torch.profiler over two steady-state chunks (step + decode): the top GPU and CPU ops."""
     stream = StreamConfig(sma=mode == "fast")
     init_decode_state, decode_chunk = decoder_fns(vae)
-    if vae_per_frame and not getattr(vae, "_is_tae", False) and type(vae).__name__ == "WanVAEDecoder":
-        import functools
-        decode_chunk = functools.partial(decode_chunk, per_frame=True)
-        out["vae_per_frame"] = True
     with attention_backend(mode):
         state = init_state(model, stream, prompt, height=height, width=width, seed=0)
         vstate = init_decode_state(vae)

@@ -6,7 +6,7 @@ two dataclasses and the latent resolution; nothing else is hard-coded.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)

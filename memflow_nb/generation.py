@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from .stream import State, init_state, set_prompt, state_to, step
-from .timeline import Timeline, chunk_embeddings
+from .conditioning import chunk_embeddings
+from .timeline import Timeline
 from .vae import VAEDecodeState, decode_chunk, init_decode_state, to_uint8
 from .video import FPS
 

@@ -6,8 +6,8 @@ import memflow_nb.model as model_mod
 import memflow_nb.stream as stream_mod
 from memflow_nb.config import StreamConfig
 from memflow_nb.inspect import bank_history, bank_slots, bank_thumbnails, bank_timeline, record_attention
-from memflow_nb.stream import init_state, step
-from test_engine import stream_states, tiny_prompt
+from memflow_nb.stream import step
+from test_engine import stream_states
 
 
 def run(model, n_chunks, stream=StreamConfig()):

@@ -426,7 +426,7 @@ def test_offline_empty_dir_lists_every_file_and_command(tmp_path, no_network):
     assert (f'hf download Wan-AI/Wan2.1-T2V-1.3B --include "Wan2.1_VAE.pth" --include '
             f'"models_t5_umt5-xxl-enc-bf16.pth" --include "google/umt5-xxl/*" --revision abc123 '
             f'--local-dir "{empty / WAN}"') in msg
-    assert f'hf download KlingTeam/MemFlow --include "base.pt" --include "lora.pt" --revision abc123 ' in msg
+    assert 'hf download KlingTeam/MemFlow --include "base.pt" --include "lora.pt" --revision abc123 ' in msg
     assert "HF_HUB_OFFLINE" in msg
 
 

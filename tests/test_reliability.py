@@ -1,6 +1,4 @@
 """Reliability: endless streams, interrupts, bad input, determinism across processes."""
-import dataclasses
-import hashlib
 import json
 import gc
 import os
@@ -16,7 +14,7 @@ import memflow_nb.model as model_mod
 import memflow_nb.stream as stream_mod
 from conftest import make_tiny_model, make_tiny_vae
 from memflow_nb.config import StreamConfig
-from memflow_nb.generation import Checkpoint, generate
+from memflow_nb.generation import generate
 from memflow_nb.hub import load
 from memflow_nb.stream import init_state, set_prompt, step
 from memflow_nb.timeline import Timeline

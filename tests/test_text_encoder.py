@@ -3,7 +3,6 @@ names, HF-equivalent tokenization, exact zeroing of padded rows."""
 from __future__ import annotations
 
 import json
-import math
 import warnings
 from pathlib import Path
 

@@ -13,10 +13,10 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from memflow_nb.timeline import (Blend, Segment, Timeline, TimelineError, Transition, WeightedPrompt, blend_prompts,
-                                 chunk_embeddings, chunk_of_time, chunk_video_frames, conditioning_plan,
-                                 from_official_jsonl, official_switch_chunks, slerp, time_of_chunk,
-                                 to_official_jsonl, transition_schedule, unique_texts)
+from memflow_nb.conditioning import (Blend, Transition, blend_prompts, chunk_embeddings, conditioning_plan, slerp,
+                                     transition_schedule, unique_texts)
+from memflow_nb.timeline import (Segment, Timeline, TimelineError, WeightedPrompt, chunk_of_time, chunk_video_frames,
+                                 from_official_jsonl, official_switch_chunks, time_of_chunk, to_official_jsonl)
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 DEFAULT_SWITCHES = [40, 80, 120, 160, 200]  # MemFlow's interactive_inference.yaml
