@@ -180,8 +180,8 @@ class Pipeline:
     @property
     def default_size(self) -> tuple[int, int]:
         """(height, width) used when neither the call nor the timeline gives one: MemFlow's
-        training size 480x832, or a small 128x224 for the tiny model (noise needs no pixels)."""
-        return (128, 224) if self.random_weights else (480, 832)
+        training size 480x832, or a small 64x112 for the tiny model (noise needs no pixels)."""
+        return (64, 112) if self.random_weights else (480, 832)
 
     def __repr__(self) -> str:
         c = self.model.cfg
