@@ -22,7 +22,7 @@ import torch
 
 from .config import ModelConfig, StreamConfig
 from .model import CausalWanModel, uncompile_model
-from .generation import decoder_fns
+from .tae import decoder_fns
 from .stream import _Context, init_state, step, update_memory
 from .vae import VAEConfig, WanVAEDecoder, decode_chunk, init_decode_state, to_uint8
 

@@ -17,8 +17,9 @@ import torch
 
 from .stream import State, init_state, set_prompt, state_to, step
 from .conditioning import chunk_embeddings
+from .tae import decoder_fns
 from .timeline import Timeline
-from .vae import VAEDecodeState, decode_chunk, init_decode_state, to_uint8
+from .vae import VAEDecodeState, to_uint8
 from .video import FPS
 
 
@@ -130,15 +131,6 @@ class Video:
     @property
     def duration(self) -> float:
         return len(self.frames) / self.fps
-
-
-def decoder_fns(vae):
-    """(init_state, decode_chunk) for the Wan VAE or the tiny TAE decoder (fast previews)."""
-    from .tae import TAEDecoder, init_tae_state, tae_decode_chunk
-
-    if isinstance(vae, TAEDecoder):
-        return init_tae_state, tae_decode_chunk
-    return init_decode_state, decode_chunk
 
 
 def _device(pipe) -> torch.device:

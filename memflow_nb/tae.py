@@ -292,6 +292,15 @@ def tae_decode_chunk(tae: TAEDecoder, latents: torch.Tensor,
     return pixels.contiguous(), TAEDecodeState(tuple(memory), state.latent_frames + t, (b, h, w))
 
 
+def decoder_fns(vae):
+    """(init_state, decode_chunk) for the Wan VAE or this tiny decoder, whichever `vae` is."""
+    from .vae import decode_chunk, init_decode_state
+
+    if isinstance(vae, TAEDecoder):
+        return init_tae_state, tae_decode_chunk
+    return init_decode_state, decode_chunk
+
+
 def tae_decode_video(tae: TAEDecoder, latents: torch.Tensor) -> torch.Tensor:
     """Decode a whole clip: latents [B, T, 16, h, w] (normalised) -> pixels [B, 4T - 3, 3, 8h, 8w]
     in [-1, 1]."""
