@@ -24,3 +24,17 @@ def test_environment_matches_pyproject():
             env.append(m.group(1))
     got = {_norm(r) for r in env}
     assert got == wanted, f"only in environment.yml: {got - wanted}; only in pyproject: {wanted - got}"
+
+
+def test_engine_and_benchmark_need_only_torch():
+    """GPU machines may carry torch alone: the engine, speed modes and benchmark must not pull in
+    the notebook / timeline / tokenizer dependencies at import time."""
+    import subprocess
+    import sys
+
+    code = ("import sys, memflow_nb.bench, memflow_nb.speed, memflow_nb.stream\n"
+            "heavy = [m for m in ('pydantic', 'ftfy', 'mediapy', 'ipywidgets', 'tokenizers', 'matplotlib') "
+            "if m in sys.modules]\n"
+            "assert not heavy, heavy")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
