@@ -158,11 +158,11 @@ def step(model: CausalWanModel, state: State, *, noise: Optional[torch.Tensor] =
     sc, steps = state.stream, denoising_schedule(state.stream)
     B, (h, w), n = state.batch, state.latent_hw, sc.chunk_frames
     shape = (B, n, model.cfg.in_dim, h, w)
-    with torch.profiler.record_function("memflow.noise"):
+    prof = torch.profiler.record_function  # labels for `bench --profile`; near free when off
+    with prof("memflow.noise"):
         noise, renoise = _chunk_noise(state, shape, noise, renoise, len(steps) - 1)
     state = _rebase(state, state.position + n)
     p0 = state.position
-    prof = torch.profiler.record_function
     # The refresh runs before the blocks of the first denoising call, with the text keys as they
     # are then (zero right after a switch); the blocks then compute this prompt's text K/V.
     with prof("memflow.refresh"):
@@ -171,11 +171,11 @@ def step(model: CausalWanModel, state: State, *, noise: Optional[torch.Tensor] =
     graphs = _graphs_for(model, ctx)
     x = noise
     for i, st in enumerate(steps):
-        t = torch.full((B, n), st.timestep, device=state.device, dtype=torch.float32)
         with prof("memflow.denoise_pass"):
-            if graphs is not None:
+            if graphs is not None:  # the graph takes the timestep into its own static buffer
                 flow = graphs.run(ctx, x, st.timestep, "denoise")
             else:
+                t = torch.full((B, n), st.timestep, device=state.device, dtype=torch.float32)
                 flow = model(x, t, state.text_kv, ctx.rope_start, ctx.attend_fn("denoise", i))
             x0 = flow_to_x0(x, flow, st.sigma)
         if i + 1 < len(steps):
