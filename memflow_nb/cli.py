@@ -74,7 +74,7 @@ def _generate(args) -> int:
     import torch
 
     from .config import latent_size
-    from .generation import generate
+    from .generation import generate, render_size
     from .hub import load
     from .timeline import FPS
     from .video import VideoFile, _codec
@@ -92,11 +92,7 @@ def _generate(args) -> int:
         pipe = load("tiny", device=device)
     else:
         pipe = load("memflow", local_dir=args.local_dir, device=device, progress=not args.no_progress)
-    if args.model == "tiny" and not (args.height or args.width):
-        height, width = pipe.default_size  # the timeline's size would only make noise slower
-    else:
-        height = args.height or timeline.height or pipe.default_size[0]
-        width = args.width or timeline.width or pipe.default_size[1]
+    height, width = render_size(pipe, timeline, args.height, args.width)
     from .stream import _check_memory, _check_seed
 
     try:

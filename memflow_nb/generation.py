@@ -137,8 +137,15 @@ def _device(pipe) -> torch.device:
     return next(pipe.model.parameters()).device
 
 
-def _size(pipe, timeline: Timeline, height, width) -> tuple[int, int]:
+def render_size(pipe, timeline: Timeline, height: Optional[int] = None, width: Optional[int] = None) -> tuple[int, int]:
+    """(height, width) of a video: the call's, else the timeline's, else the pipeline's default.
+
+    A random-weight pipeline ("tiny") skips the timeline's size: noise needs no pixels, and its
+    small default keeps the CPU run short (the CLI and the API agree on this rule).
+    """
     dh, dw = getattr(pipe, "default_size", (480, 832))
+    if getattr(pipe, "random_weights", False):
+        return (height or dh), (width or dw)
     return (height or timeline.height or dh), (width or timeline.width or dw)
 
 
@@ -167,7 +174,7 @@ def generate(pipe, timeline: Timeline, *, seed: Optional[int] = None, height: Op
     init_vae, decode = decoder_fns(vae)
     if start is None:
         seed = seed if seed is not None else (timeline.seed if timeline.seed is not None else 0)
-        start = Checkpoint(0, None, init_vae(vae), int(seed), _size(pipe, timeline, height, width))
+        start = Checkpoint(0, None, init_vae(vae), int(seed), render_size(pipe, timeline, height, width))
     else:
         if (height or width) and (height, width) != start.size:
             raise ValueError(f"cannot resume a {start.size[0]}x{start.size[1]} stream at {height}x{width}")

@@ -20,6 +20,7 @@ import torch
 from .config import ModelConfig, StreamConfig
 from .io import WeightsNotFound, load_dit, load_text_encoder, load_vae
 from .model import CausalWanModel
+from .precision import DtypeLike, resolve_dtype
 from .text_encoder import PromptEncoder, T5Config, Tokenizer, UMT5Encoder
 from .vae import VAEConfig, WanVAEDecoder
 
@@ -171,7 +172,7 @@ class Pipeline:
     stream: StreamConfig = field(default_factory=StreamConfig)
     name: str = "memflow"
     device: torch.device = torch.device("cpu")
-    dtype: torch.dtype = torch.bfloat16
+    dtype: torch.dtype = torch.float32
 
     @property
     def random_weights(self) -> bool:
@@ -192,20 +193,24 @@ class Pipeline:
 
 
 def load(name: str = "memflow", *, local_dir: str | os.PathLike | None = None, revision: str | dict | None = None,
-         device: str | torch.device | None = None, dtype: torch.dtype = torch.bfloat16,
-         text_encoder_device: str | torch.device = "cpu", text_encoder_dtype: torch.dtype = torch.bfloat16,
+         device: str | torch.device | None = None, dtype: DtypeLike = "auto",
+         text_encoder_device: str | torch.device = "cpu", text_encoder_dtype: DtypeLike = torch.bfloat16,
          merged_cache_dir: str | os.PathLike | None = None, progress: bool = True, seed: int = 0) -> Pipeline:
     """Load a ready pipeline.
 
     name: "memflow" (MemFlow on Wan2.1-T2V-1.3B: 1.3B DiT with the LoRA merged, umT5-XXL, Wan VAE)
         or "tiny" (random weights, no files, no network, runs on a CPU in seconds; noise only).
     local_dir, revision: where the files are / which hub revision, see `fetch_weights`.
-    device: for the DiT and the VAE (default "cuda" when available); dtype: theirs.
+    device: for the DiT and the VAE (default "cuda" when available).
+    dtype: theirs; "auto" (the default) is bf16 on CUDA capability >= 8.0, fp16 below (a T4),
+        float32 on the CPU (see `memflow_nb.precision.choose_dtype`). An explicit dtype wins.
     text_encoder_device / _dtype: the 11 GB umT5 encoder; its outputs are moved to `device`.
     merged_cache_dir: keep the LoRA-merged DiT there so the next load skips the merge.
     seed: weight seed of the "tiny" pipeline (ignored otherwise).
     """
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = resolve_dtype(dtype, device)
+    text_encoder_dtype = resolve_dtype(text_encoder_dtype, text_encoder_device, name="text_encoder_dtype")
     if name == "tiny":
         return _tiny(seed, device, dtype)
     if name != "memflow":
