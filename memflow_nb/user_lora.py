@@ -38,6 +38,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -355,8 +356,6 @@ def loras_from_scope_settings(settings: Mapping, *, lora_dir=None) -> list[tuple
     paths of the machine that made the file; lora_dir: a folder holding the LoRAs here, which
     relative paths are joined to and where an absolute path missing here is looked up by file name.
     """
-    import warnings
-
     loras = settings.get("loras")
     if loras is None:
         return []
@@ -377,10 +376,11 @@ def loras_from_scope_settings(settings: Mapping, *, lora_dir=None) -> list[tuple
             warnings.warn(f"{where} has no path (a LoRA slot with no file chosen in Scope); skipped", stacklevel=2)
             continue
         p = Path(path).expanduser()
-        if lora_dir is not None and not p.is_absolute():
-            p = Path(lora_dir).expanduser() / p
-        elif lora_dir is not None and not p.exists() and (Path(lora_dir).expanduser() / p.name).exists():
-            p = Path(lora_dir).expanduser() / p.name
+        if lora_dir is not None:
+            here = Path(lora_dir).expanduser()
+            name = re.split(r"[\\/]", path)[-1]  # also for a path written on Windows
+            tries = [p if p.is_absolute() else here / p, here / name]
+            p = next((t for t in tries if t.exists()), tries[0])
         out.append((str(p), scale))
     odd = [f"{w}={v!r}" for w, v in strategies if v is not None and v not in _SCOPE_STRATEGIES]
     if odd:

@@ -339,6 +339,8 @@ def test_loras_from_scope_settings(tmp_path):
     here.mkdir()
     (here / "ink.safetensors").write_bytes(b"")  # an absolute path from another machine: found by name
     assert loras_from_scope_settings(settings, lora_dir=here)[0] == (str(here / "ink.safetensors"), 0.7)
+    windows = {"loras": [{"path": "C:\\Users\\u\\.daydream-scope\\models\\lora\\ink.safetensors", "scale": 1}]}
+    assert loras_from_scope_settings(windows, lora_dir=here) == [(str(here / "ink.safetensors"), 1.0)]
     assert loras_from_scope_settings({"loras": [], "loraMergeStrategy": "permanent_merge"}) == []
     assert loras_from_scope_settings({"pipelineId": "longlive"}) == []
     with pytest.warns(UserWarning, match=r"settings\.loras\[0\] has no path"):
