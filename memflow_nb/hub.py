@@ -19,6 +19,7 @@ import torch
 
 from .config import ModelConfig, StreamConfig
 from .io import WeightsNotFound, load_dit, load_text_encoder, load_vae
+from .lora_stack import add_loras
 from .model import CausalWanModel
 from .precision import DtypeLike, resolve_dtype
 from .text_encoder import PromptEncoder, T5Config, Tokenizer, UMT5Encoder
@@ -195,7 +196,8 @@ class Pipeline:
 def load(name: str = "memflow", *, local_dir: str | os.PathLike | None = None, revision: str | dict | None = None,
          device: str | torch.device | None = None, dtype: DtypeLike = "auto",
          text_encoder_device: str | torch.device = "cpu", text_encoder_dtype: DtypeLike = torch.bfloat16,
-         merged_cache_dir: str | os.PathLike | None = None, progress: bool = True, seed: int = 0) -> Pipeline:
+         merged_cache_dir: str | os.PathLike | None = None, progress: bool = True, seed: int = 0,
+         loras=()) -> Pipeline:
     """Load a ready pipeline.
 
     name: "memflow" (MemFlow on Wan2.1-T2V-1.3B: 1.3B DiT with the LoRA merged, umT5-XXL, Wan VAE)
@@ -207,12 +209,16 @@ def load(name: str = "memflow", *, local_dir: str | os.PathLike | None = None, r
     text_encoder_device / _dtype: the 11 GB umT5 encoder; its outputs are moved to `device`.
     merged_cache_dir: keep the LoRA-merged DiT there so the next load skips the merge.
     seed: weight seed of the "tiny" pipeline (ignored otherwise).
+    loras: user LoRAs [(path.safetensors, scale), ...], merged on top of MemFlow's own; their scales
+        can change later (memflow_nb.lora_stack.set_lora_scale / remove_lora).
     """
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = resolve_dtype(dtype, device)
     text_encoder_dtype = resolve_dtype(text_encoder_dtype, text_encoder_device, name="text_encoder_dtype")
     if name == "tiny":
-        return _tiny(seed, device, dtype)
+        pipe = _tiny(seed, device, dtype)
+        add_loras(pipe.model, loras)
+        return pipe
     if name != "memflow":
         raise ValueError(f"unknown pipeline {name!r}; known: 'memflow', 'tiny'")
     paths = fetch_weights(local_dir, revision, progress=progress)
@@ -222,6 +228,7 @@ def load(name: str = "memflow", *, local_dir: str | os.PathLike | None = None, r
         bar.set_postfix_str("DiT + LoRA")
         model = load_dit(paths.base, paths.lora, device=device, dtype=dtype, cache_dir=merged_cache_dir,
                          progress=progress)
+        add_loras(model, loras)
         bar.update()
         bar.set_postfix_str("text encoder")
         text = load_text_encoder(paths.text_encoder, paths.tokenizer_dir, device=text_encoder_device,
