@@ -91,7 +91,8 @@ def _folder(model: str, revision: Optional[str], cache_dir: Optional[str]) -> Pa
     except LocalEntryNotFoundError as e:
         get = f"hf download {model}" + (f" --revision {revision}" if revision else "")
         raise FileNotFoundError(
-            f"prompt model {model!r} is not in the Hugging Face cache" + (" and HF_HUB_OFFLINE is set" if offline else "")
+            f"prompt model {model!r} is not in the Hugging Face cache"
+            + (" and HF_HUB_OFFLINE is set" if offline else "")
             + f"; download it once with `{get}` (about 1 GB for the default), or pass model= a local folder") from e
 
 

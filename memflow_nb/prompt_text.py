@@ -1,7 +1,7 @@
 """Plain-text analysis of prompts, with no model: words, token counts, the subject phrase, and the
 word-level alignment of two prompts that finds a shared description worded differently.
 
-Used by `memflow_nb.coach` (the checks) and `memflow_nb.prompt_extend` (truncation to the encoder's
+Used by `memflow_nb.prompt_coach` (the checks) and `memflow_nb.prompt_extend` (truncation to the encoder's
 limit). Everything here is a heuristic for English prompts written the way MemFlow's advice asks
 ("<who, described> <does what> <where>, <light>, <camera>"); the coach reports, the user decides.
 """

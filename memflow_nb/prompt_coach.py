@@ -150,7 +150,7 @@ def _length_findings(timeline: Timeline, tokens, limit: int, tokenizer, settings
                                    f"{n_words} words ({approx}{n} of {limit} tokens): MemFlow reads long, "
                                    f"concrete prompts, and longer ones cost nothing",
                                    "describe the subject's looks and clothes, the place, the light and time of "
-                                   "day, the motion and the camera (memflow_nb.prompt_extend.extend_prompt "
+                                   "day, the motion and the camera (memflow_nb.extend_prompt, with the [prompt] extra, "
                                    "drafts a longer prompt)", k))
     return out
 

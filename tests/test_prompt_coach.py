@@ -1,4 +1,4 @@
-"""Tests for memflow_nb.coach (the prompt coach) and memflow_nb.prompt_text (its text analysis)."""
+"""Tests for memflow_nb.prompt_coach (the prompt coach) and memflow_nb.prompt_text (its text analysis)."""
 from __future__ import annotations
 
 import json
@@ -10,7 +10,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from memflow_nb.coach import KINDS, CoachSettings, Coaching, apply_suggestion, coach, copy_subject, prompt_similarity
+from memflow_nb.prompt_coach import (KINDS, CoachSettings, Coaching, apply_suggestion, coach, copy_subject,
+                                     prompt_similarity)
 from memflow_nb.prompt_text import (approx_tokens, count_tokens, description_edits, mark_edits, subject_phrase,
                                     subject_edits, truncate_to_tokens, words)
 from memflow_nb.text_encoder import encode_prompts
@@ -58,7 +59,8 @@ def test_lighthouse_example_has_only_its_real_drift():
     assert kinds(result) == [(2, "description_drift"), (3, "description_drift")]
     for f in result.findings:
         assert "[-weathered]" in f.reason and f.other == 0 and f.prompt == 0
-        assert f.replacement.startswith(("A weathered lighthouse keeper", "At calm blue dawn a weathered lighthouse keeper"))
+        assert f.replacement.startswith(("A weathered lighthouse keeper",
+                                         "At calm blue dawn a weathered lighthouse keeper"))
     assert all(len(t) == 1 or len(t) == 2 for t in result.tokens)
 
 
@@ -281,9 +283,10 @@ def test_embedding_similarity_of_consecutive_segments(tiny_pipe):
 # ------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("text, subject", [
-    ("A weathered lighthouse keeper in a navy wool coat climbs the spiral stairs", "A weathered lighthouse keeper in a navy wool coat"),
-    ("An elderly clockmaker with round wire spectacles sits at a cluttered bench", "An elderly clockmaker with round wire spectacles"),
-    ("A man wearing a red coat and holding a lantern walks along the pier", "A man wearing a red coat and holding a lantern"),
+    ("A weathered keeper in a navy wool coat climbs the spiral stairs", "A weathered keeper in a navy wool coat"),
+    ("An old clockmaker with round spectacles sits at a cluttered bench", "An old clockmaker with round spectacles"),
+    ("A man wearing a red coat and holding a lantern walks along the pier",
+     "A man wearing a red coat and holding a lantern"),
     ("At calm blue dawn the keeper in a navy coat walks down the path", "the keeper in a navy coat"),
     ("She stops under the awning", None),
     ("Rain. A man walks in.", None),
@@ -293,7 +296,8 @@ def test_subject_phrase(text, subject):
 
 
 def test_description_edits_and_marks():
-    old, new = "A young woman with short red hair in a yellow raincoat", "The young woman with red hair in a green raincoat"
+    old = "A young woman with short red hair in a yellow raincoat"
+    new = "The young woman with red hair in a green raincoat"
     edits = description_edits(old, new)
     assert [(e.old, e.new) for e in edits] == [("short", ""), ("yellow", "green")]
     assert mark_edits(new, edits) == "The young woman with [-short] red hair in a [yellow -> green] raincoat"
@@ -313,3 +317,18 @@ def test_truncate_to_tokens_keeps_the_longest_fitting_prefix():
             assert approx_tokens(text[:words(text)[n].end]) > limit
     assert truncate_to_tokens("Supercalifragilistic", 1) == ""  # nothing fits: </s> alone is one token
     assert count_tokens(["a b"]) == [approx_tokens("a b")] == [4]
+
+
+def test_public_names_stay_functions_after_the_modules_are_imported():
+    """`mf.coach` is the function even when `memflow_nb.prompt_coach` was imported first (a module
+    named `coach` would shadow it: importing a submodule sets the package attribute)."""
+    import subprocess
+    import sys
+
+    code = ("import memflow_nb.prompt_coach, memflow_nb.prompt_extend, memflow_nb as mf\n"
+            "assert callable(mf.coach) and callable(mf.apply_suggestion) and callable(mf.extend_prompt)\n"
+            "assert mf.coach is memflow_nb.prompt_coach.coach\n"
+            "import sys; assert 'transformers' not in sys.modules  # the extra loads only when used")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 0, r.stderr
