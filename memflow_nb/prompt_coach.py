@@ -133,6 +133,10 @@ def _main_prompt(segment) -> int:
     return max(range(len(segment.prompts)), key=lambda k: (segment.prompts[k].weight, -k))
 
 
+def _main_text(segment) -> str:
+    return segment.prompts[_main_prompt(segment)].text
+
+
 def _length_findings(timeline: Timeline, tokens, limit: int, tokenizer, settings: CoachSettings) -> list[Finding]:
     out = []
     approx = "" if tokenizer is not None else "about "
@@ -163,12 +167,11 @@ def _pronoun_findings(timeline: Timeline) -> list[Finding]:
             if pronoun is None:
                 continue
             # The subject it most likely means: the nearest earlier segment that names one.
-            source = next((j for j in range(i - 1, -1, -1)
-                           if pt.subject_phrase(timeline.segments[j].prompts[_main_prompt(timeline.segments[j])].text)),
+            source = next((j for j in range(i - 1, -1, -1) if pt.subject_phrase(_main_text(timeline.segments[j]))),
                           None)
             subject = replacement = None
             if source is not None:
-                src = timeline.segments[source].prompts[_main_prompt(timeline.segments[source])].text
+                src = _main_text(timeline.segments[source])
                 subject, replacement = pt.subject_phrase(src), pt.copy_description(src, p.text)
             reason = (f"opens with '{pronoun}': each prompt is read on its own, so the model does not know "
                       f"who '{pronoun}' is")
@@ -206,6 +209,8 @@ def _segment_text(seg) -> str:
 
 
 def _cut_findings(timeline: Timeline, settings: CoachSettings) -> list[Finding]:
+    plays = Counter(timeline.chunk_plan(settings.chunk_frames))
+    chunk_s = time_of_chunk(2, settings.chunk_frames) - time_of_chunk(1, settings.chunk_frames)
     out = []
     for i in range(1, len(timeline.segments)):
         prev, seg = timeline.segments[i - 1], timeline.segments[i]
@@ -223,10 +228,11 @@ def _cut_findings(timeline: Timeline, settings: CoachSettings) -> list[Finding]:
                                f"fine if intended; a bridging segment that keeps segment {i - 1}'s subject or place "
                                f"makes the change gradual", other=i - 1))
         else:
+            fit = min(4, max(1, plays[i]))  # a few chunks, never more than the segment plays
             out.append(Finding(i, "hard_cut", "warn", reason,
-                               f"for a gradual change set transition_steps (4 chunks = 3 s), or add a bridging "
-                               f"segment that keeps segment {i - 1}'s subject or place; keep hard cuts for real "
-                               f"cuts", other=i - 1, changes=(("transition_steps", 4),)))
+                               f"for a gradual change set transition_steps (e.g. {fit} chunks = {fit * chunk_s:g} s), "
+                               f"or add a bridging segment that keeps segment {i - 1}'s subject or place; keep hard "
+                               f"cuts for real cuts", other=i - 1, changes=(("transition_steps", fit),)))
     return out
 
 
@@ -353,7 +359,7 @@ def copy_subject(timeline: Timeline, source: int, target: int, prompt: Optional[
     ``source`` has no subject phrase the coach can find, or the target prompt has none to replace."""
     src_seg, dst_seg = timeline.segments[source], timeline.segments[target]
     k = _main_prompt(dst_seg) if prompt is None else prompt
-    text = pt.copy_description(src_seg.prompts[_main_prompt(src_seg)].text, dst_seg.prompts[k].text)
+    text = pt.copy_description(_main_text(src_seg), dst_seg.prompts[k].text)
     if text is None:
         return None
     return apply_suggestion(timeline, Finding(target, "copy_subject", "info", "", prompt=k, replacement=text))

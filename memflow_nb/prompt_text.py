@@ -8,6 +8,7 @@ limit). Everything here is a heuristic for English prompts written the way MemFl
 from __future__ import annotations
 
 import difflib
+import functools
 import math
 import re
 from typing import NamedTuple, Optional, Protocol, Sequence
@@ -153,6 +154,7 @@ def _subject_start(ws: Sequence[Word]) -> Optional[int]:
                 None)
 
 
+@functools.lru_cache(maxsize=4096)  # the coach asks for each prompt's subject once per pair
 def subject_span(text: str, max_words: int = 30) -> Optional[tuple[int, int]]:
     """Character span ``(start, end)`` of the phrase that says who or what a prompt shows: in
     "A weathered keeper in a navy coat climbs the stairs" it is "A weathered keeper in a navy

@@ -236,7 +236,11 @@ def test_no_timeline_makes_the_coach_fail_and_every_suggestion_applies(spec):
     for f in result.findings:
         assert f.kind in KINDS and f.severity in ("info", "warn") and 0 <= f.segment < len(tl.segments)
         if f.replacement is not None or f.changes:
-            assert isinstance(apply_suggestion(tl, f), Timeline)
+            fixed = apply_suggestion(tl, f)
+            assert isinstance(fixed, Timeline)
+        if f.changes:  # a suggested setting clears its warning and brings no timing warning
+            after = [(g.kind, g.severity) for g in coach(fixed).for_segment(f.segment)]
+            assert (f.kind, "warn") not in after and ("transition_too_long", "warn") not in after
 
 
 # ------------------------------------------------------------------------------------------------
