@@ -20,6 +20,8 @@ _EXPORTS = {
     "video": ["write_video", "read_video", "show_video"],
     "inspect": ["record_attention", "bank_slots", "bank_history", "bank_thumbnails"],
     "widgets": ["TimelineEditor"],
+    "prompt_coach": ["coach", "apply_suggestion"],
+    "prompt_extend": ["extend_prompt"],
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_WHERE)

@@ -325,6 +325,14 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
+    def count(self, prompts: str | list[str]) -> list[int]:
+        """Tokens each prompt has before truncation, special tokens (`</s>`) included: the
+        encoder reads at most `text_len` of them."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        texts = [clean_text(p) if self.clean else p for p in prompts]
+        return [len(e.ids) + self._num_special for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+
     def __call__(self, prompts: str | list[str]) -> tuple[Tensor, Tensor]:
         """prompts (B strings) -> (ids int64 [B, text_len], mask int64 [B, text_len]).
 
