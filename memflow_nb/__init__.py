@@ -20,6 +20,7 @@ _EXPORTS = {
     "video": ["write_video", "read_video", "show_video"],
     "inspect": ["record_attention", "bank_slots", "bank_history", "bank_thumbnails"],
     "widgets": ["TimelineEditor"],
+    "plan": ["plan", "Plan", "PlanError"],
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_WHERE)

@@ -25,6 +25,20 @@ FP8_SCALE_BYTES = 4  # Float8Linear keeps one float32 scale per output row
 CPU_IM2COL_BELOW = 24  # measured, torch 2.13 on x86: narrower CPU conv3d layers unfold (im2col)
 
 
+def configs(name: str) -> tuple[ModelConfig, T5Config, VAEConfig]:
+    """(DiT, text encoder, VAE) configs of a named pipeline: "memflow" or "tiny"."""
+    if name == "memflow":
+        return ModelConfig.from_name("wan2.1-t2v-1.3b"), T5Config.from_name("umt5-xxl"), VAEConfig()
+    if name == "tiny":
+        try:
+            from .pipeline import TINY_T5, TINY_VAE, tiny_tokenizer
+        except ImportError:  # before the hub -> pipeline rename
+            from .hub import TINY_T5, TINY_VAE, tiny_tokenizer
+        cfg = ModelConfig.from_name("tiny")
+        return cfg, T5Config(vocab=tiny_tokenizer().get_vocab_size(), dim=cfg.text_dim, **TINY_T5), TINY_VAE
+    raise ValueError(f"unknown pipeline {name!r}; known: 'memflow', 'tiny'")
+
+
 # -- weights (parameter counts from the real modules, built on the meta device) --------------
 
 @functools.lru_cache(maxsize=None)
@@ -78,10 +92,11 @@ def text_block_bytes(cfg: T5Config, elem: int) -> int:
 
 def text_encode_bytes(cfg: T5Config, prompts: int, tokens: int, elem: int) -> int:
     """Activations of one encoder block over `prompts` x `tokens` (text_encoder.Block): the hidden
-    state, its norm and residual (fp32 statistics), the scores [B, H, L, L] in the dtype, their
-    float32 softmax and the probabilities, and the FFN's fc1, gate and product."""
+    state, its norm and residual (fp32 statistics), the FFN's fc1, gate and product; and per head
+    [L, L]: the position bias with the padding mask, the scores, their float32 softmax and the
+    probabilities. Measured 225 MB for one prompt of 512 tokens on umT5-XXL in bf16 (est. 216)."""
     hidden = prompts * tokens * (2 * cfg.dim * elem + cfg.dim * 4 + 3 * cfg.dim_ffn * elem)
-    scores = prompts * cfg.num_heads * tokens * tokens * (2 * elem + 4)
+    scores = prompts * cfg.num_heads * tokens * tokens * (3 * elem + 4)
     return hidden + scores
 
 
@@ -230,8 +245,15 @@ def vae_cache_bytes(cfg: VAEConfig, latent_hw, batch: int, elem: int) -> int:
     return 2 * batch * chans * elem
 
 
+def _conv_scratch(channels: int, frames: int, device: str) -> int:
+    """Elements per pixel a 3x3x3 conv over `frames` (+2 cached) frames needs beside its input and output."""
+    if device == "cuda":
+        return 2 * channels * (frames + 2)
+    return channels * 27 * frames if channels < CPU_IM2COL_BELOW else channels * (frames + 2)
+
+
 def vae_decode_bytes(cfg: VAEConfig, latent_hw, batch: int, elem: int, chunk_frames: int,
-                     per_frame: bool, im2col_below: int = 0) -> int:
+                     per_frame: bool, device: str = "cuda") -> int:
     """Extra bytes of `decode_chunk` on a steady chunk, above the decode state the caller holds.
 
     Per stage, the largest moment of a residual block (vae.ResidualBlock): its input, the shortcut
@@ -240,18 +262,18 @@ def vae_decode_bytes(cfg: VAEConfig, latent_hw, batch: int, elem: int, chunk_fra
     input, the nearest-x2 copy and the conv output. Plus the new caches (built as the call goes),
     and frame by frame, the previous frame's caches too.
 
-    The extra conv buffer is what cuDNN and oneDNN need (measured: about one padded input). A 3-D
-    conv with fewer than `im2col_below` input channels unfolds its input instead (27 x the input;
-    torch 2.13 does so on the CPU below 24 channels: `CPU_IM2COL_BELOW`, the tiny VAE's 8 and 16).
+    The conv's own scratch was measured: on CUDA (cuDNN's default algorithms, H200, torch 2.11)
+    about two padded inputs (eager decode at 480x832 in bf16: 8.49 GB whole, 6.10 GB per frame;
+    these formulas give 8.79 and 6.38); on the CPU (oneDNN) one padded input, except that a 3-D
+    conv with fewer than CPU_IM2COL_BELOW input channels unfolds its input (27 x; the tiny VAE).
     """
     frames = 1 if per_frame else chunk_frames
     _, stages = _vae_stages(cfg, latent_hw, frames, False)
     peak = 0
     for i, (cin, cout, pix, f, temporal) in enumerate(stages):
         shortcut = cout if cin != cout else 0
-        scratch = lambda c: c * 27 * f if c < im2col_below else c * (f + 2)  # noqa: E731
-        conv1 = cin * f + shortcut * f + cin * f + cin * (f + 2) + scratch(cin) + cout * f
-        conv2 = cin * f + shortcut * f + 3 * cout * f + cout * (f + 2) + scratch(cout)
+        conv1 = cin * f + shortcut * f + cin * f + cin * (f + 2) + _conv_scratch(cin, f, device) + cout * f
+        conv2 = cin * f + shortcut * f + 3 * cout * f + cout * (f + 2) + _conv_scratch(cout, f, device)
         upsample = 0
         if i < len(stages) - 1:  # every stage but the last ends in an Upsample
             f_up = 2 * f if temporal else f

@@ -31,6 +31,8 @@ class Hardware:
         host = _host_available()
         if device.type != "cuda":
             return cls("this machine (CPU)", 0, None, host, measured=True)
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={str(device)!r} but torch sees no CUDA GPU; use device='cpu'")
         free, _ = torch.cuda.mem_get_info(device)
         free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # our cache is free to us
         return cls(torch.cuda.get_device_name(device), int(free), tuple(torch.cuda.get_device_capability(device)),

@@ -15,20 +15,19 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import sys
+import types
 from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
 
 from . import footprint as fp
-from .config import ModelConfig, StreamConfig, latent_size
+from .config import StreamConfig, latent_size
 from .fp8 import FP8_CAPABILITY
 from .hardware import GB, PRESETS, Hardware
 from .precision import DtypeLike, resolve_dtype
-from .text_encoder import T5Config
-from .vae import VAEConfig
 
-LORA_RANK = 256  # MemFlow's LoRA (merged into the DiT at load)
 DEFAULT_SIZES = {"memflow": (480, 832), "tiny": (64, 112)}  # as Pipeline.default_size
 STREAMED_BLOCKS = 2  # a streamed text encoder holds one block running and the next one arriving
 # Memory the tensors do not account for. Described hardware (gpu_gb=...): the CUDA context with
@@ -77,7 +76,7 @@ class Plan:
     text_encoder_device: str  # "gpu" (resident), "streamed" (block by block from the file) or "cpu"
     text_encoder_dtype: torch.dtype
     checkpoints_every: int
-    max_checkpoints: int  # checkpoints that fit in the host budget (beyond chunk 0's, which is tiny)
+    max_checkpoints: int  # checkpoints that fit the host budget (besides chunk 0's, which is tiny); -1: no limit known
     checkpoint_bytes: int
     components: tuple[Component, ...]
     peak_gpu_bytes: int
@@ -110,20 +109,22 @@ class Plan:
 
     def __str__(self) -> str:
         hw = self.hardware
-        cap = f", capability {hw.capability[0]}.{hw.capability[1]}" if hw.capability else ""
+        gpu = f"GPU {hw.gpu_bytes / GB:.1f} GB, capability {hw.capability[0]}.{hw.capability[1]}" \
+            if hw.gpu_bytes else "no GPU"
         host = f"{hw.host_bytes / GB:.1f} GB" if hw.host_bytes is not None else "unknown"
-        lines = [f"plan: {self.name} {self.height}x{self.width}, batch {self.batch}, on {hw.name} "
-                 f"(GPU {hw.gpu_bytes / GB:.1f} GB{cap}, host {host})",
+        every = "every chunk" if self.checkpoints_every == 1 else f"every {self.checkpoints_every} chunks"
+        room = "no limit known" if self.max_checkpoints < 0 else f"room for {self.max_checkpoints}"
+        lines = [f"plan: {self.name} {self.height}x{self.width}, batch {self.batch}, on {hw.name} ({gpu}, host {host})",
                  f"dtype {_short(self.dtype)}, fp8 DiT {'on' if self.fp8_dit else 'off'}, text encoder "
                  f"{self.text_encoder_device} ({_short(self.text_encoder_dtype)}), VAE decode "
-                 f"{'per frame' if self.vae_per_frame else 'whole chunk'}, checkpoints every "
-                 f"{self.checkpoints_every} chunks (room for {self.max_checkpoints})",
+                 f"{'per frame' if self.vae_per_frame else 'whole chunk'}, checkpoints {every} ({room})",
                  f"  {'component':<26}{'where':<6}{'dtype':<10}{'GB':>7}  when"]
         for c in self.components:
             lines.append(f"  {c.name:<26}{c.where:<6}{c.dtype:<10}{c.bytes / GB:>7.2f}  {c.phase}"
                          + (f" ({c.note})" if c.note else ""))
         if self.device == "cuda":
-            lines.append(f"peak GPU {self.peak_gpu_bytes / GB:.1f} GB of {hw.gpu_bytes / GB:.1f} ({self.peak_gpu_phase})")
+            lines.append(f"peak GPU {self.peak_gpu_bytes / GB:.1f} GB of {hw.gpu_bytes / GB:.1f} "
+                         f"({self.peak_gpu_phase})")
         lines.append(f"peak host {self.peak_host_bytes / GB:.1f} GB of {host} ({self.peak_host_phase})")
         lines.append("fits" if self.fits else "DOES NOT FIT\n" + self.message)
         return "\n".join(lines)
@@ -136,20 +137,6 @@ class Plan:
 
 def _short(dtype: torch.dtype) -> str:
     return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(dtype, str(dtype))
-
-
-def configs(name: str) -> tuple[ModelConfig, T5Config, VAEConfig]:
-    """(DiT, text encoder, VAE) configs of a named pipeline: "memflow" or "tiny"."""
-    if name == "memflow":
-        return ModelConfig.from_name("wan2.1-t2v-1.3b"), T5Config.from_name("umt5-xxl"), VAEConfig()
-    if name == "tiny":
-        try:
-            from .pipeline import TINY_T5, TINY_VAE, tiny_tokenizer
-        except ImportError:  # before the hub -> pipeline rename
-            from .hub import TINY_T5, TINY_VAE, tiny_tokenizer
-        cfg = ModelConfig.from_name("tiny")
-        return cfg, T5Config(vocab=tiny_tokenizer().get_vocab_size(), dim=cfg.text_dim, **TINY_T5), TINY_VAE
-    raise ValueError(f"unknown pipeline {name!r}; known: 'memflow', 'tiny'")
 
 
 # -- building a plan ----------------------------------------------------------------------------
@@ -177,6 +164,7 @@ class _Job:
     dtype: torch.dtype
     text_dtype: DtypeLike
     seconds: Optional[float]
+    prompt_switches: bool
 
 
 def _text_dtype(job: _Job, placement: str) -> torch.dtype:
@@ -214,17 +202,18 @@ def _components(job: _Job, k: _Knobs) -> tuple[list[Component], int, int]:
         Component("VAE weights", on, dt, fp.vae_weight_bytes(vae, e), "always"),
         Component("VAE decode state", on, dt, vcache, "always", "conv caches kept between chunks"),
         Component("VAE decode workspace", on, dt, fp.vae_decode_bytes(
-            vae, lat, b, e, sc.chunk_frames, k.vae_per_frame, 0 if job.device == "cuda" else fp.CPU_IM2COL_BELOW),
+            vae, lat, b, e, sc.chunk_frames, k.vae_per_frame, job.device),
                   "decode", "frame by frame" if k.vae_per_frame else f"{sc.chunk_frames} latent frames at once"),
         Component("stream state", on, dt, fp.stream_state_bytes(cfg, sc, lat, b, e), "always",
                   "cache, bank, text K/V"),
         Component("attention workspace", on, dt, ch["workspace"], "chunk", f"{fp.workspace_frames(sc)} key frames"),
         Component("chunk keys/values", on, dt, ch["new_kv"] + ch["compress"] + ch["latents"], "chunk",
                   "new K/V (3 copies), bank copies"),
-        Component("prompt switch", on, dt, max(fp.switch_bytes(cfg, sc, lat, b, e),
-                                                 fp.after_switch_bytes(cfg, sc, lat, b, e)), "prompt switch",
-                  f"re-cache of {sc.local_attn_size} frames"),
     ]
+    if job.prompt_switches:
+        rows.append(Component("prompt switch", on, dt, max(fp.switch_bytes(cfg, sc, lat, b, e),
+                                                           fp.after_switch_bytes(cfg, sc, lat, b, e)),
+                              "prompt switch", f"re-cache of {sc.local_attn_size} frames"))
     if job.seconds:
         from .video import FPS
 
@@ -239,7 +228,7 @@ def _peak(rows: list[Component], where: str) -> tuple[int, str]:
     always = sum(c.bytes for c in rows if c.where == where and c.phase == "always")
     totals = {ph: always + sum(c.bytes for c in rows if c.where == where and c.phase == ph) for ph in PHASES}
     phase = max(PHASES, key=lambda ph: totals[ph])
-    return totals[phase], phase
+    return totals[phase], (phase if totals[phase] > always else "always")
 
 
 def _build(job: _Job, k: _Knobs) -> Plan:
@@ -340,8 +329,10 @@ def _fixes(job: _Job, options: dict, p: Plan) -> tuple[str, ...]:
             q = _choose(job, {**options, key: value})
             if _overage(q) < _overage(p):
                 out.append(says(f"{key}={(value[0] if isinstance(value, tuple) else value)!r}", q))
-    if job.batch > 1:
-        out.append(says("batch=1", _choose(dataclasses.replace(job, batch=1), options)))
+    for key, value in (("batch", 1), ("prompt_switches", False)):
+        q = _choose(dataclasses.replace(job, **{key: value}), options)
+        if getattr(job, key) != value and _overage(q) < _overage(p):
+            out.append(says(f"{key}={value}" + (" (one prompt, no re-cache)" if key == "prompt_switches" else ""), q))
     q = p
     for h in range(job.height - 16, 15, -16):  # the largest smaller size of the same shape that fits
         w = max(16, round(job.width * h / job.height / 16) * 16)
@@ -361,7 +352,7 @@ def plan(name: str = "memflow", *, height: Optional[int] = None, width: Optional
          dtype: DtypeLike = "auto", fp8_dit: Union[bool, str] = False, vae_per_frame: Union[bool, str] = "auto",
          text_encoder_device: str = "auto", text_encoder_dtype: DtypeLike = "auto",
          checkpoints_gb: Union[str, float] = "auto", seconds: Optional[float] = None,
-         stream: Optional[StreamConfig] = None) -> Plan:
+         prompt_switches: bool = True, stream: Optional[StreamConfig] = None) -> Plan:
     """The memory plan of pipeline `name` ("memflow" or "tiny") making height x width video.
 
     Hardware: `hardware`, or gpu_gb / capability / host_gb (GB = 1e9 bytes; gpu_gb=0: no GPU), or by
@@ -371,6 +362,7 @@ def plan(name: str = "memflow", *, height: Optional[int] = None, width: Optional
     8.9+; default off: it changes the numbers), vae_per_frame, text_encoder_device ("gpu" resident,
     "streamed" block by block, "cpu"), checkpoints_gb (host memory for resume checkpoints; "auto":
     half of what is left). seconds: count the frames `generate_video` keeps for a video this long.
+    prompt_switches=False: a single-prompt stream, which never runs the KV re-cache of a switch.
     Returns a frozen Plan; `.check()` raises PlanError when it does not fit.
     """
     if hardware is None:
@@ -389,8 +381,8 @@ def plan(name: str = "memflow", *, height: Optional[int] = None, width: Optional
     latent_size(height, width)  # validates the size
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise ValueError(f"batch={batch!r} must be a positive integer")
-    job = _Job(name, configs(name), stream or StreamConfig(), height, width, batch, hardware, dev,
-               resolve_dtype(dtype, dev, hardware.capability), text_encoder_dtype, seconds)
+    job = _Job(name, fp.configs(name), stream or StreamConfig(), height, width, batch, hardware, dev,
+               resolve_dtype(dtype, dev, hardware.capability), text_encoder_dtype, seconds, bool(prompt_switches))
     options = _options(job, fp8_dit, vae_per_frame, text_encoder_device, checkpoints_gb)
     p = _choose(job, options)
     return p if p.fits else dataclasses.replace(p, fixes=_fixes(job, options, p))
@@ -403,7 +395,7 @@ def plan_for_load(name: str, device: Union[str, torch.device, None], dtype: Dtyp
     Call it first thing in `load`, before any file is read: it raises PlanError (a ValueError) with
     the component, the overage and the fixes when nothing fits (check=False returns the plan).
     knobs: height, width, batch, fp8_dit, vae_per_frame, text_encoder_device, text_encoder_dtype,
-    checkpoints_gb, seconds, stream, hardware, as for `plan`.
+    checkpoints_gb, seconds, prompt_switches, stream, hardware, as for `plan`.
     """
     p = plan(name, device=device, dtype=dtype, **knobs)
     return p.check() if check else p
@@ -426,6 +418,16 @@ def _main(argv=None) -> None:
             h, w = (int(v) for v in size.split("x"))
             print(plan(args.name, height=h, width=w, hardware=hw, fp8_dit=fp8), end="\n\n")
 
+
+class _CallableModule(types.ModuleType):
+    """Once this module is imported, Python binds `memflow_nb.plan` to the module rather than to the
+    function; calling it still makes a plan, so `memflow_nb.plan(...)` works either way."""
+
+    def __call__(self, *args, **kwargs) -> Plan:
+        return plan(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
 
 if __name__ == "__main__":
     _main()

@@ -97,8 +97,7 @@ def measure_vae(vae, latent_hw: tuple[int, int], chunk_frames: int, batch: int =
     rows = [row("VAE decode state", fp.vae_cache_bytes(vae.config, latent_hw, batch, e), caches, size=size)]
     for per_frame in (False, True):
         _, peak = peak_bytes(lambda: decode_chunk(vae, lat, state, per_frame=per_frame), p.device)
-        im2col = fp.CPU_IM2COL_BELOW if p.device.type == "cpu" else 0
-        est = fp.vae_decode_bytes(vae.config, latent_hw, batch, e, chunk_frames, per_frame, im2col)
+        est = fp.vae_decode_bytes(vae.config, latent_hw, batch, e, chunk_frames, per_frame, p.device.type)
         rows.append(row(f"VAE decode{' per frame' if per_frame else ''}", est, peak, size=size))
     return rows
 
@@ -128,7 +127,7 @@ def measure_pipeline(model, vae, stream: StreamConfig, height: int, width: int, 
     torch.cuda.synchronize()
     phases = [sum(fp.chunk_bytes(cfg, stream, lat, 1, e).values()), fp.switch_bytes(cfg, stream, lat, 1, e),
               fp.after_switch_bytes(cfg, stream, lat, 1, e),
-              fp.vae_decode_bytes(vae.config, lat, 1, e, stream.chunk_frames, False)]
+              fp.vae_decode_bytes(vae.config, lat, 1, e, stream.chunk_frames, False, "cuda")]
     held = (fp.dit_weight_bytes(cfg, e) + fp.vae_weight_bytes(vae.config, e) + 2 * prompt_embeds.nbytes
             + fp.stream_state_bytes(cfg, stream, lat, 1, e) + fp.vae_cache_bytes(vae.config, lat, 1, e))
     return row("whole stream (allocated)", held + max(phases), torch.cuda.max_memory_allocated(),
