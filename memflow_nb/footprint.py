@@ -1,10 +1,12 @@
 """Bytes of each piece of a MemFlow stream, computed from the configs (no tensors allocated).
 
-Every formula follows what the eager code keeps alive; the comment on each says where from.
-`memflow_nb.plan` adds these up per device and phase. Sizes of the real model at 480x832 (bf16),
-which these formulas reproduce (see tests/test_plan.py and BENCHMARKS.md):
-    DiT 1.42 B params = 2.84 GB; umT5-XXL 5.68 B params = 11.4 GB; stream state 3.8 GB;
-    attention workspace 15 frames = 4.3 GB; VAE decode caches 1.9 GB.
+Every formula follows what the eager code keeps alive; the docstring of each says where from.
+`memflow_nb.plan` adds them up per device and phase. At 480x832 in bf16 they give: DiT 1.42 B
+params = 2.84 GB; umT5-XXL 5.68 B params = 11.4 GB; stream state 3.88 GB; attention workspace
+15 frames = 4.31 GB; a chunk's peak above the state 7.49 GB; a prompt switch's 15.4 GB; VAE
+decode caches 1.89 GB, decode peak 8.79 GB (6.38 per frame). Measured on an H200 (eager, bf16):
+3.84, 7.48, 15.33, 1.89, 8.49 and 6.10 GB; tests/test_plan.py holds the measurement and checks
+every estimate is within +5% of it, and `python -m memflow_nb.plan_check` measures again.
 
 Notation: L layers, B batch, T tokens per latent frame, e bytes per element,
 frame_kv = keys + values of one latent frame in every layer = 2 * L * B * T * dim * e.

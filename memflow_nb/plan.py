@@ -146,6 +146,7 @@ class _Knobs:
     fp8_dit: bool
     vae_per_frame: bool
     text_encoder_device: str
+    text_encoder_dtype: torch.dtype
     checkpoints_gb: Union[str, float]
 
 
@@ -167,12 +168,13 @@ class _Job:
     prompt_switches: bool
 
 
-def _text_dtype(job: _Job, placement: str) -> torch.dtype:
+def _text_dtypes(job: _Job, placement: str) -> tuple[torch.dtype, ...]:
+    """Text-encoder dtypes to try: on the GPU the compute dtype; on the CPU float32 (fast where bf16
+    is emulated) and, if that does not fit, bf16 (half of umT5-XXL's 22.7 GB)."""
     if job.text_dtype is None or job.text_dtype == "auto":
-        # On the GPU the compute dtype; on the CPU bf16, half of float32's 22.7 GB for umT5-XXL.
-        return job.dtype if placement != "cpu" else torch.bfloat16
-    return resolve_dtype(job.text_dtype, "cuda" if placement != "cpu" else "cpu", job.hardware.capability,
-                         name="text_encoder_dtype")
+        return (job.dtype,) if placement != "cpu" else (torch.float32, torch.bfloat16)
+    return (resolve_dtype(job.text_dtype, "cuda" if placement != "cpu" else "cpu", job.hardware.capability,
+                          name="text_encoder_dtype"),)
 
 
 def _components(job: _Job, k: _Knobs) -> tuple[list[Component], int, int]:
@@ -181,8 +183,7 @@ def _components(job: _Job, k: _Knobs) -> tuple[list[Component], int, int]:
     sc, b, e = job.stream, job.batch, job.dtype.itemsize
     lat = latent_size(job.height, job.width)
     on, dt = ("gpu" if job.device == "cuda" else "host"), _short(job.dtype)
-    tdt = _text_dtype(job, k.text_encoder_device)
-    te, tname = tdt.itemsize, _short(tdt)
+    te, tname = k.text_encoder_dtype.itemsize, _short(k.text_encoder_dtype)
     rows = [Component("DiT weights", on, f"fp8+{dt}" if k.fp8_dit else dt, fp.dit_weight_bytes(cfg, e, k.fp8_dit),
                       "always", "LoRA merged" if job.name == "memflow" else "")]
     weights = fp.text_encoder_params(t5) * te
@@ -248,7 +249,7 @@ def _build(job: _Job, k: _Knobs) -> Plan:
         n = int(float(k.checkpoints_gb) * GB // ckpt)
     if n:
         rows.append(Component("checkpoints", "host", _short(job.dtype), n * ckpt, "always",
-                              f"{n} x {ckpt / GB:.2f} GB, every {every} chunks"))
+                              f"{n} x {ckpt / GB:.2f} GB, " + ("every chunk" if every == 1 else f"every {every} chunks")))
     gpu, gpu_phase = _peak(rows, "gpu") if job.device == "cuda" else (0, "-")
     host, host_phase = _peak(rows, "host")
     problems = []
@@ -257,7 +258,7 @@ def _build(job: _Job, k: _Knobs) -> Plan:
     if hw.host_bytes is not None and host > hw.host_bytes:
         problems.append(_over("host", rows, "host", host, host_phase, hw.host_bytes))
     return Plan(job.name, job.height, job.width, job.batch, hw, job.device, job.dtype, k.fp8_dit, k.vae_per_frame,
-                k.text_encoder_device, _text_dtype(job, k.text_encoder_device), every,
+                k.text_encoder_device, k.text_encoder_dtype, every,
                 -1 if n is None else n, ckpt, tuple(rows), gpu, gpu_phase, host, host_phase, not problems,
                 tuple(problems))
 
@@ -283,10 +284,11 @@ def _choose(job: _Job, options: dict) -> Plan:
     best = None
     for fp8, per_frame, text in itertools.product(options["fp8_dit"], options["vae_per_frame"],
                                                   options["text_encoder_device"]):
-        p = _build(job, _Knobs(fp8, per_frame, text, options["checkpoints_gb"]))
-        if p.fits:
-            return p
-        best = p if best is None or _overage(p) < _overage(best) else best
+        for text_dtype in _text_dtypes(job, text):
+            p = _build(job, _Knobs(fp8, per_frame, text, text_dtype, options["checkpoints_gb"]))
+            if p.fits:
+                return p
+            best = p if best is None or _overage(p) < _overage(best) else best
     return best
 
 

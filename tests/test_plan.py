@@ -163,7 +163,12 @@ def test_cpu_plans_and_this_machine():
     p = plan("tiny", gpu_gb=0, host_gb=8)
     assert p.device == "cpu" and p.dtype == torch.float32 and p.text_encoder_device == "cpu"
     assert p.peak_gpu_bytes == 0 and p.fits and "peak GPU" not in str(p)
-    assert (p.height, p.width) == (64, 112)
+    assert (p.height, p.width) == (64, 112) and p.text_encoder_dtype == torch.float32
+    # umT5-XXL on a CPU host: float32 (22.7 GB) when it fits, else bf16 (11.4 GB).
+    roomy = plan(gpu_gb=22.5, capability=(8, 9), host_gb=53, height=320, width=576, text_encoder_device="cpu")
+    tight = plan(gpu_gb=22.5, capability=(8, 9), host_gb=24, height=320, width=576, text_encoder_device="cpu")
+    assert roomy.text_encoder_dtype == torch.float32 and tight.text_encoder_dtype == torch.bfloat16
+    assert tight.fits and tight.peak_host_bytes <= 24 * GB < roomy.peak_host_bytes
     with pytest.raises(ValueError, match="needs a GPU"):
         plan("tiny", gpu_gb=0, host_gb=8, text_encoder_device="gpu")
     if not torch.cuda.is_available():
