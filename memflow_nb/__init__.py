@@ -22,6 +22,7 @@ _EXPORTS = {
     "widgets": ["TimelineEditor"],
     "prompt_coach": ["coach", "apply_suggestion"],
     "prompt_extend": ["extend_prompt"],
+    "planning": ["plan", "Plan", "PlanError"],
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_WHERE)

@@ -11,6 +11,10 @@ import torch
 from torch import nn
 
 E4M3_MAX = 448.0  # largest finite float8_e4m3fn
+FP8_CAPABILITY = (8, 9)  # fp8 tensor cores: Ada (8.9) and Hopper (9.0) onwards
+# The per-token linears of each block that `to_fp8` converts (memflow_nb.plan counts the same ones).
+FP8_LINEARS = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "cross_attn.q", "cross_attn.o",
+               "ffn.0", "ffn.2")
 
 
 class Float8Linear(nn.Module):
@@ -42,13 +46,12 @@ class Float8Linear(nn.Module):
         return y.reshape(*shape[:-1], self.out_features)
 
 
-def to_fp8(model, names=("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "cross_attn.q",
-                         "cross_attn.o", "ffn.0", "ffn.2")):
+def to_fp8(model, names=FP8_LINEARS):
     """Replace the per-token linear layers of every block with Float8Linear (in place; returns model).
 
     Cross-attention k/v stay in bf16: they run once per prompt, not per chunk.
     """
-    if torch.cuda.is_available() and torch.cuda.get_device_capability() < (8, 9):
+    if torch.cuda.is_available() and torch.cuda.get_device_capability() < FP8_CAPABILITY:
         raise RuntimeError("fp8 linears need a GPU of compute capability 8.9 or newer (Ada, Hopper)")
     for blk in model.blocks:
         for name in names:
