@@ -391,13 +391,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: finished runs are kept; rerun the same command to go on", file=sys.stderr)
         return 130
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"{args.out}: {manifest['ok']} runs done, {manifest['failed']} failed, {manifest['pending']} pending "
-              f"of {manifest['runs_planned']}; table {args.out / manifest['tables']['results']}")
-        for r in manifest["runs"]:
-            if r["status"] == "failed":
-                rec = StudyStore(args.out).record(r["id"]) or {}
-                print(f"  failed {r['id']}: {rec.get('error')}", file=sys.stderr)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # rank 0 reports for the study (a non-zero rank would make torchrun stop the others)
+    print(f"{args.out}: {manifest['ok']} runs done, {manifest['failed']} failed, {manifest['pending']} pending "
+          f"of {manifest['runs_planned']}; table {args.out / manifest['tables']['results']}")
+    for r in manifest["runs"]:
+        if r["status"] == "failed":
+            print(f"  failed {r['id']}: {(StudyStore(args.out).record(r['id']) or {}).get('error')}", file=sys.stderr)
     return 0 if manifest["failed"] == 0 and manifest["pending"] == 0 else 1
 
 

@@ -17,8 +17,8 @@ From image/text features (`memflow_nb.eval_models` computes them with CLIP and D
 
 * clip_score: 100 x mean cosine similarity of a segment's frames to its prompt (CLIP).
 * subject_consistency (DINO) and background_consistency (CLIP image features): VBench's
-  formula, the mean over frames t >= 1 of (cos(f_t, f_0) + cos(f_t, f_t-1)) / 2; per segment
-  and over the whole video.
+  formula, the mean over frames t >= 1 of (max(0, cos(f_t, f_0)) + max(0, cos(f_t, f_t-1))) / 2;
+  per segment and over the whole video.
 * revisit_subject_similarity: cosine of the mean DINO features of a returning segment and of
   the segment it returns to.
 """
@@ -170,12 +170,12 @@ def _unit(x: np.ndarray) -> np.ndarray:
 
 def consistency(features: np.ndarray) -> float:
     """VBench's temporal consistency of features [N, d]: mean over t >= 1 of
-    (cos(f_t, f_0) + cos(f_t, f_t-1)) / 2 (NaN below two frames)."""
+    (max(0, cos(f_t, f_0)) + max(0, cos(f_t, f_t-1))) / 2 (NaN below two frames)."""
     f = _unit(features)
     if len(f) < 2:
         return math.nan
-    first = f[1:] @ f[0]
-    prev = np.sum(f[1:] * f[:-1], axis=-1)
+    first = np.maximum(f[1:] @ f[0], 0)
+    prev = np.maximum(np.sum(f[1:] * f[:-1], axis=-1), 0)
     return float(np.mean((first + prev) / 2))
 
 
