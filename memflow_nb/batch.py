@@ -23,24 +23,20 @@ nodes of 8 GPUs, with OUT on a filesystem all nodes share:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import socket
 import sys
 import time
-import traceback
 from datetime import timedelta
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
-import numpy as np
-
-from . import metrics as M
 from . import ranks as R
 from .cli import DEFAULT_OFFICIAL_LATENT_FRAMES, DEFAULT_SWITCHES, _frames_to_chunks
 from .config import StreamConfig
 from .study_plan import Run, StudyInputError, parse_seeds, parse_settings, plan_runs, read_stories, shard
-from .study_store import StudyStore, check_table_format, jsonable, now
+from .study_run import run_one
+from .study_store import StudyStore, check_table_format, now
 
 
 def run_study(input: Union[str, os.PathLike], out: Union[str, os.PathLike], *, settings=None, seeds=None,
@@ -132,6 +128,7 @@ def _plan(store, input, settings, seeds, model, height, width, frames, switch_fr
     stories = read_stories(input, [int(s) for s in switch_frames], latent)
     runs = plan_runs(stories, variants, seed_list, chunks)
     store.prepare()
+    store.remove_partial()  # left by an interrupted job: its runs are redone
     store.check_options({"model": model, "height": height, "width": width, "frames": frames,
                          "switch_frames": [int(s) for s in switch_frames], "attention_layers": _layer_spec(attention_layers),
                          "eval": _eval_names(evaluator), "eval_every": eval_every, "return_threshold": return_threshold})
@@ -140,15 +137,19 @@ def _plan(store, input, settings, seeds, model, height, width, frames, switch_fr
 
 
 def _layer_spec(layers) -> Union[str, list]:
-    return layers if isinstance(layers, str) else [int(x) for x in layers]
+    if isinstance(layers, str) and layers in ("auto", "none", "all"):
+        return layers
+    try:
+        return [int(x) for x in (layers.split(",") if isinstance(layers, str) else layers) if str(x).strip()]
+    except ValueError:
+        raise StudyInputError(f"--attention-layers {layers!r}: use auto, all, none or indices like 0,15,29") from None
 
 
 def _layers(spec, num_layers: int) -> Optional[list[int]]:
     """Recorded layers: a list (empty: none), or None for all."""
+    spec = _layer_spec(spec)
     if isinstance(spec, str):
-        if spec in ("auto", "none", "all"):
-            return {"auto": sorted({0, num_layers // 2, num_layers - 1}), "none": [], "all": None}[spec]
-        spec = [int(s) for s in spec.split(",") if s.strip()]
+        return {"auto": sorted({0, num_layers // 2, num_layers - 1}), "none": [], "all": None}[spec]
     bad = [l for l in spec if not 0 <= l < num_layers]
     if bad:
         raise StudyInputError(f"--attention-layers {bad}: the model has layers 0..{num_layers - 1}")
@@ -158,16 +159,9 @@ def _layers(spec, num_layers: int) -> Optional[list[int]]:
 def _eval_names(evaluator) -> Optional[list[str]]:
     if evaluator is None:
         return None
-    if isinstance(evaluator, dict):
-        from . import eval_models as E
+    from .eval_models import model_names
 
-        spec = {"clip": E.CLIP_MODEL, "clip_revision": E.CLIP_REVISION, "dino": E.DINO_MODEL,
-                "dino_revision": E.DINO_REVISION, **evaluator}
-        return [f"{spec['clip']}@{spec['clip_revision']}" if spec["clip_revision"] and not Path(spec["clip"]).is_dir()
-                else spec["clip"],
-                f"{spec['dino']}@{spec['dino_revision']}" if spec["dino_revision"] and not Path(spec["dino"]).is_dir()
-                else spec["dino"]]
-    return list(evaluator.names)
+    return list(model_names(**evaluator) if isinstance(evaluator, dict) else evaluator.names)
 
 
 def _run_all(ranks, store, runs: list[Run], pipe, model, local_dir, text_encoder_device, height, width,
@@ -193,7 +187,7 @@ def _run_all(ranks, store, runs: list[Run], pipe, model, local_dir, text_encoder
         for i, run in enumerate(runs):
             bar.set_postfix_str(f"run {i + 1}/{len(runs)}")
             t0 = time.perf_counter()
-            status, error = _one(store, run, pipe, height, width, layers, save_attention, evaluator, eval_every,
+            status, error = run_one(store, run, pipe, height, width, layers, save_attention, evaluator, eval_every,
                                  return_threshold, bar, ranks)
             log.append({"run_id": run.id, "status": status, "seconds": round(time.perf_counter() - t0, 2)})
             line = f"{'done' if status == 'ok' else 'FAILED'} {run.id} ({log[-1]['seconds']} s)"
@@ -201,115 +195,6 @@ def _run_all(ranks, store, runs: list[Run], pipe, model, local_dir, text_encoder
     finally:
         bar.close()
     return log
-
-
-def _one(store: StudyStore, run: Run, pipe, height, width, layers, save_attention, evaluator, eval_every,
-         return_threshold, bar, ranks) -> tuple[str, Optional[str]]:
-    """Make one run's files and publish them; on an error record it and go on. Ctrl-C and other
-    BaseExceptions remove the partial folder and propagate."""
-    base = {"run_id": run.id, "story": run.story.id, "source": run.story.source, "line": run.story.line,
-            "setting": run.setting.name, "seed": run.seed, "rank": ranks.rank, "host": socket.gethostname(),
-            "pid": os.getpid()}
-    stream = run.setting.apply(pipe.stream if pipe is not None else StreamConfig())
-    base["stream"] = dataclasses.asdict(stream)
-    if run.story.error is not None:
-        store.fail(run.id, {**base, "status": "failed", "error": run.story.error, "finished": now()})
-        bar.update(1)
-        return "failed", run.story.error
-    tmp = None
-    try:
-        tmp = store.begin(run.id)
-        record = _generate(tmp, run, dataclasses.replace(pipe, stream=stream), height, width, layers, save_attention,
-                           evaluator, eval_every, return_threshold, bar)
-        store.commit(tmp, run.id, {**base, **record, "status": "ok", "error": None, "finished": now()})
-        return "ok", None
-    except Exception as e:  # recorded; the study goes on with the next run
-        store.abandon(tmp)
-        error = f"{type(e).__name__}: {e}"
-        store.fail(run.id, {**base, "status": "failed", "error": error, "finished": now(),
-                            "traceback": traceback.format_exc()[-4000:]})
-        _free_memory(ranks.device)
-        return "failed", error
-    except BaseException:
-        store.abandon(tmp)
-        raise
-
-
-def _free_memory(device) -> None:
-    import torch
-
-    if getattr(device, "type", None) == "cuda":
-        torch.cuda.empty_cache()
-
-
-def _generate(tmp: Path, run: Run, pipe, height, width, layers, save_attention, evaluator, eval_every,
-              return_threshold, bar) -> dict:
-    """Generate one run into `tmp`; returns the record's facts and metrics."""
-    from .generation import generate, render_size
-    from .inspect import bank_history, record_attention
-    from .video import FPS, VideoFile
-
-    timeline, stream = run.story.timeline, pipe.stream
-    h, w = render_size(pipe, timeline, height, width)
-    steps = timeline.denoising_steps or stream.denoising_steps
-    plan = M.chunk_segments(timeline.chunk_plan(stream.chunk_frames), run.num_chunks)
-    spans = M.segment_spans(plan)
-    texts = [max(seg.prompts, key=lambda p: p.weight).text for seg in timeline.segments]
-    sampled, sampled_segment, switches, n_frames = [], [], [], 0
-    t0 = time.perf_counter()
-    with record_attention(layers=layers, steps=[len(steps) - 1], cross=False) as rec:
-        with VideoFile(tmp / "video.mp4", (h, w), FPS) as video:
-            for ch in generate(pipe, timeline, seed=run.seed, height=h, width=w, num_chunks=run.num_chunks,
-                               progress=False):
-                video.add(ch.frames)
-                if evaluator is not None:
-                    for t in range(len(ch.frames)):
-                        if (n_frames + t) % eval_every == 0:
-                            sampled.append(ch.frames[t])
-                            sampled_segment.append(plan[ch.index])
-                n_frames += len(ch.frames)
-                if ch.switched:
-                    switches.append(ch.index)
-                bar.update(1)
-    seconds = time.perf_counter() - t0
-    events = rec.memory_events
-    timeline.replace(seed=run.seed).to_scope_json(tmp / "timeline.scope.json")
-    chunk_share = M.bank_attention_share(rec.self_attention_summaries)
-    kept, chance = M.retrieval_by_segment(events, plan, stream.chunk_frames, len(texts))
-    report = {**M.bank_report(events, bank_history(events)), "attention_share_per_chunk": chunk_share,
-              "retrieval_by_segment": {"kept": kept.tolist(), "chance": chance.tolist()}}
-    from .study_store import write_json
-
-    write_json(tmp / "bank.json", report, atomic=False)
-    if save_attention:
-        _save_attention(tmp / "attention.npz", rec.self_attention_summaries)
-    run_metrics, segments = M.memory_metrics(spans, texts, chunk_share, events, plan, stream.chunk_frames,
-                                             return_threshold)
-    if evaluator is not None:
-        feats = evaluator.features(np.stack(sampled), texts)
-        extra, extra_segments = M.feature_metrics(spans, sampled_segment, feats.clip_images, feats.clip_texts,
-                                                  feats.dino, M.prompt_returns(texts, return_threshold))
-        run_metrics.update(extra)
-        segments = [{**a, **b} for a, b in zip(segments, extra_segments)]
-    return {"model": getattr(pipe, "name", None), "height": h, "width": w, "chunks": run.num_chunks,
-            "frames": n_frames, "seconds": round(seconds, 3), "generated_fps": round(n_frames / seconds, 3),
-            "switch_chunks": switches, "attention_layers": layers, "files": sorted(p.name for p in tmp.iterdir()),
-            "metrics": jsonable(run_metrics), "segments": jsonable(segments)}
-
-
-def _save_attention(path: Path, summaries) -> None:
-    """Pooled attention per recorded pass: group mass [n, H, query frames, 4] (sink, bank, local,
-    current; batch item 0) with the chunk, layer and step of each."""
-    import torch
-
-    groups = ("sink", "bank", "local", "current")
-    rows = [s for s in summaries if s.kind == "denoise"]
-    mass = [torch.stack([s.group_mass()[g][0] for g in groups], -1).numpy() for s in rows]
-    with open(path, "wb") as f:
-        np.savez(f, groups=np.array(groups), chunk=np.array([s.chunk for s in rows], dtype=np.int64),
-                 layer=np.array([s.layer for s in rows], dtype=np.int64),
-                 step=np.array([s.step for s in rows], dtype=np.int64),
-                 group_mass=np.stack(mass) if mass else np.zeros((0, 0, 0, len(groups)), np.float32))
 
 
 # -- command line -------------------------------------------------------------------------------

@@ -128,8 +128,14 @@ def load_evaluator(clip: str = CLIP_MODEL, clip_revision: Optional[str] = CLIP_R
     dino_model = _pretrained(tf.AutoModel, dino, dino_revision, cache_dir).to(device, dtype).eval()
     dino_proc = _pretrained(tf.AutoImageProcessor, dino, dino_revision, cache_dir)
 
-    def name(m, r):
-        return m if Path(m).is_dir() or not r else f"{m}@{r}"
-
     return Evaluator(clip_model, tokenizer, clip_proc, dino_model, dino_proc, device, batch_size,
-                     (name(clip, clip_revision), name(dino, dino_revision)))
+                     model_names(clip, clip_revision, dino, dino_revision))
+
+
+def model_names(clip: str = CLIP_MODEL, clip_revision: Optional[str] = CLIP_REVISION, dino: str = DINO_MODEL,
+                dino_revision: Optional[str] = DINO_REVISION, **_) -> tuple[str, str]:
+    """"id@revision" (or the folder) of the CLIP and DINOv2 models that `load_evaluator` would load."""
+    def name(m, r):
+        return str(m) if Path(m).is_dir() or not r else f"{m}@{r}"
+
+    return name(clip, clip_revision), name(dino, dino_revision)

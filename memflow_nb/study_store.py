@@ -119,6 +119,11 @@ class StudyStore:
         os.rename(tmp, self.run_dir(run_id))  # fails if RUN_ID/ exists: a finished run is never replaced
         (self.errors / f"{run_id}.json").unlink(missing_ok=True)
 
+    def remove_partial(self) -> None:
+        """Remove every partial run folder (only one study job may use a folder at a time)."""
+        for old in self.runs.glob(".*.partial-*"):
+            shutil.rmtree(old, ignore_errors=True)
+
     def abandon(self, tmp: Optional[Path]) -> None:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)

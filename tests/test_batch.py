@@ -20,7 +20,6 @@ from memflow_nb import batch, metrics as M
 from memflow_nb.memory import MemoryEvent
 from memflow_nb.study_plan import (Run, Setting, Story, StudyInputError, parse_seeds, parse_settings, plan_runs,
                                    read_stories, shard)
-from memflow_nb.study_store import StudyStore
 
 ROOT = Path(__file__).parent.parent
 TINY = ["--model", "tiny", "--height", "32", "--width", "48", "--frames", "21", "--switch-frames", "3", "--no-progress"]
