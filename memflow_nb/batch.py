@@ -87,8 +87,8 @@ def _study(ranks: R.Ranks, *, input, out, settings, seeds, model, pipe, height, 
 
                 fetch_weights(local_dir, progress=progress)  # download once, before the other ranks load
             plan = ("ok",) + plan + (todo,)
-        except (ValueError, OSError) as e:
-            plan = ("error", f"{type(e).__name__}: {e}" if isinstance(e, OSError) else str(e))
+        except Exception as e:  # handed to every rank, so none waits for a plan that never comes
+            plan = ("error", str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}")
     plan = R.broadcast(ranks, plan)
     if plan[0] == "error":
         raise StudyInputError(plan[1])
@@ -171,7 +171,8 @@ def _run_all(ranks, store, runs: list[Run], pipe, model, local_dir, text_encoder
     if pipe is None and any(r.story.error is None for r in runs):
         from .hub import load
 
-        pipe = load(model, local_dir=local_dir, device=ranks.device, text_encoder_device=text_encoder_device,
+        pipe = load(model, local_dir=local_dir, device=ranks.device,
+                    text_encoder_device=R.resolve_device(text_encoder_device, ranks.local_rank),
                     progress=progress and ranks.rank == 0)
     if isinstance(evaluator, dict):
         from .eval_models import load_evaluator

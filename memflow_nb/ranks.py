@@ -30,7 +30,8 @@ class Ranks:
         return self.world > 1
 
 
-def _device(device: Optional[str], local_rank: int) -> torch.device:
+def resolve_device(device: Optional[str], local_rank: int) -> torch.device:
+    """`device` for the process of `local_rank`: "cuda" (no index) is that process's own GPU."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
@@ -45,7 +46,7 @@ def start(device: Optional[str] = None, timeout: timedelta = timedelta(hours=72)
     import torch.distributed as dist
 
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    dev = _device(device, local)
+    dev = resolve_device(device, local)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if dist.is_available() and dist.is_initialized():
