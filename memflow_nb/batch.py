@@ -183,16 +183,19 @@ def _run_all(ranks, store, runs: list[Run], pipe, model, local_dir, text_encoder
 
     bar = tqdm(total=sum(max(1, r.num_chunks) for r in runs), unit="chunk", position=ranks.rank,
                desc=f"rank {ranks.rank}/{ranks.world}" if ranks.distributed else "study", disable=not progress)
-    log = []
+    log, chunks_done = [], 0
     try:
         for i, run in enumerate(runs):
             bar.set_postfix_str(f"run {i + 1}/{len(runs)}")
             t0 = time.perf_counter()
             status, error = run_one(store, run, pipe, height, width, layers, save_attention, evaluator, eval_every,
                                  return_threshold, bar, ranks)
+            chunks_done += max(1, run.num_chunks)
+            bar.update(chunks_done - bar.n)  # a failed run's chunks count as done, for the ETA
             log.append({"run_id": run.id, "status": status, "seconds": round(time.perf_counter() - t0, 2)})
             line = f"{'done' if status == 'ok' else 'FAILED'} {run.id} ({log[-1]['seconds']} s)"
-            (bar.write if progress else print)(line + (f": {error}" if error else ""), **({} if progress else {"flush": True}))
+            line += f": {error}" if error else ""
+            bar.write(line) if progress else print(line, flush=True)
     finally:
         bar.close()
     return log

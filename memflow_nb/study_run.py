@@ -30,7 +30,6 @@ def run_one(store: StudyStore, run: Run, pipe, height, width, layers, save_atten
     base["stream"] = dataclasses.asdict(stream)
     if run.story.error is not None:
         store.fail(run.id, {**base, "status": "failed", "error": run.story.error, "finished": now()})
-        bar.update(1)
         return "failed", run.story.error
     tmp = None
     try:
@@ -107,7 +106,9 @@ def _generate(tmp: Path, run: Run, pipe, height, width, layers, save_attention, 
         segments = [{**a, **b} for a, b in zip(segments, extra_segments)]
     return {"model": getattr(pipe, "name", None), "height": h, "width": w, "chunks": run.num_chunks,
             "frames": n_frames, "seconds": round(seconds, 3), "generated_fps": round(n_frames / seconds, 3),
-            "switch_chunks": switches, "attention_layers": layers, "files": sorted(p.name for p in tmp.iterdir()),
+            "switch_chunks": switches, "attention_layers": layers, "attention_truncated": rec.truncated,
+            "eval_models": list(evaluator.names) if evaluator is not None else None,
+            "files": sorted(p.name for p in tmp.iterdir()),
             "metrics": jsonable(run_metrics), "segments": jsonable(segments)}
 
 
