@@ -1,7 +1,7 @@
 """memflow_nb: a Jupyter-first toolkit for MemFlow streaming text-to-video.
 
 The public API is small; everything below is stable. Submodules (plots, text_encoder, vae, io,
-hub, memory, schedule, bench) hold the rest. Names are imported on first use, so `import
+hub, memory, schedule, bench, metrics, eval_models) hold the rest. Names are imported on first use, so `import
 memflow_nb` is quick and the engine needs nothing but torch.
 """
 from importlib import import_module
@@ -23,6 +23,7 @@ _EXPORTS = {
     "prompt_coach": ["coach", "apply_suggestion"],
     "prompt_extend": ["extend_prompt"],
     "planning": ["plan", "Plan", "PlanError"],
+    "batch": ["run_study"],
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_WHERE)

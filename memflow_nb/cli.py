@@ -120,6 +120,9 @@ def _generate(args) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["batch"]:  # studies: memflow_nb.batch has its own options
+        return __import__("memflow_nb.batch", fromlist=["main"]).main(argv[1:])
     args = _parser().parse_args(argv)
     try:
         if args.command == "generate":

@@ -15,7 +15,7 @@ import memflow_nb as mf
 
 ROOT = Path(__file__).parent.parent
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
-NAMES = ["01_quickstart", "02_prompt_timeline", "03_memory_bank"]
+NAMES = ["01_quickstart", "02_prompt_timeline", "03_memory_bank", "05_studies"]
 COLAB = "https://colab.research.google.com/github/memflow-nb/memflow_nb/blob/main/notebooks/"
 
 
@@ -121,3 +121,18 @@ def test_03_memory_bank_runs(tmp_path, monkeypatch):
     assert len(figures) >= 5  # bank timeline, thumbnails, attention mass, attention groups, scores, diffs
     html = "".join(outputs_of(nb, "text/html"))
     assert html.count("<video") >= 3  # memory on / off / SMA side by side
+
+
+@pytest.mark.slow
+def test_05_studies_runs(tmp_path, monkeypatch):
+    nb = run_notebook(ROOT / "notebooks" / "05_studies.ipynb", tmp_path, monkeypatch)
+    printed = "".join(outputs_of(nb, "stream"))
+    assert "3 runs done, 0 failed, 0 pending" in printed  # FAST: one story x off / on / SMA
+    assert len(outputs_of(nb, "image/png")) >= 2  # per metric, per segment
+    assert "".join(outputs_of(nb, "text/html")).count("<video") >= 3
+    import pandas as pd
+
+    results = pd.read_parquet(tmp_path / "notebooks" / "studies" / "out" / "results.parquet")
+    assert sorted(results.setting) == ["off", "on", "sma"] and (results.returns == 1).all()
+    on = results.set_index("setting").loc["on"]
+    assert on.compressions > 0 and 0 <= on.revisit_retrieval <= 1
