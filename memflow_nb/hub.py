@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
-from .config import ModelConfig, StreamConfig
+from .engine.config import ModelConfig, StreamConfig
+from .engine.model import CausalWanModel
 from .io import WeightsNotFound, load_dit, load_text_encoder, load_vae
-from .model import CausalWanModel
 from .precision import DtypeLike, resolve_dtype
 from .text_encoder import PromptEncoder, T5Config, Tokenizer, UMT5Encoder
 from .vae import VAEConfig, WanVAEDecoder

@@ -3,7 +3,8 @@ activations quantised per token on the fly, products on the tensor cores via tor
 
 A trade of accuracy for speed on Hopper-class GPUs (compute capability >= 8.9): the relative
 error of each linear is about 3e-2, against about 4e-3 in bf16. Fast mode only; exact mode never
-uses it.
+uses it. The fp8 weights live in copies of the blocks that the fast wrapper holds; the model keeps
+its own.
 """
 from __future__ import annotations
 
@@ -42,17 +43,26 @@ class Float8Linear(nn.Module):
         return y.reshape(*shape[:-1], self.out_features)
 
 
-def to_fp8(model, names=("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "cross_attn.q",
-                         "cross_attn.o", "ffn.0", "ffn.2")):
-    """Replace the per-token linear layers of every block with Float8Linear (in place; returns model).
+def fp8_blocks(model, names=("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "cross_attn.q",
+                               "cross_attn.o", "ffn.0", "ffn.2")) -> list[nn.Module]:
+    """Copies of the model's blocks whose per-token linear layers are Float8Linear.
 
-    Cross-attention k/v stay in bf16: they run once per prompt, not per chunk.
+    Every other parameter is the model's own tensor (shared, not copied), and the model itself is
+    unchanged. Cross-attention k/v stay in bf16: they run once per prompt, not per chunk.
     """
-    if torch.cuda.is_available() and torch.cuda.get_device_capability() < (8, 9):
+    p = next(model.parameters())
+    if p.device.type != "cuda":
+        raise RuntimeError("fp8 linears need the model on a CUDA GPU (compute capability 8.9 or newer)")
+    if torch.cuda.get_device_capability(p.device) < (8, 9):
         raise RuntimeError("fp8 linears need a GPU of compute capability 8.9 or newer (Ada, Hopper)")
+    out = []
     for blk in model.blocks:
+        with torch.device("meta"):
+            copy = type(blk)(blk.cfg)
+        copy.load_state_dict(blk.state_dict(), assign=True)  # the same tensors, no copy
         for name in names:
             parent_name, _, child = name.rpartition(".")
-            parent = blk.get_submodule(parent_name)
+            parent = copy.get_submodule(parent_name)
             setattr(parent, child, Float8Linear(getattr(parent, child)))
-    return model
+        out.append(copy.eval().requires_grad_(False))
+    return out
