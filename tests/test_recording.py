@@ -29,6 +29,38 @@ def test_nothing_is_registered_when_off(tiny_model):
     assert not tiny_model.observers
 
 
+def test_a_recording_sees_only_its_model_in_its_thread(tiny_model):
+    import threading
+
+    from conftest import make_tiny_model
+
+    other = make_tiny_model(seed=1)
+    other_states, _ = run(other, 2)
+    states, _ = run(tiny_model, 2)
+    with record_attention(tiny_model, cross=False) as rec:
+        step(other, other_states[2])  # another model, same thread
+        worker = threading.Thread(target=step, args=(tiny_model, states[2]))  # same model, another thread
+        worker.start()
+        worker.join()
+        assert rec.self_attention_summaries == [] and rec.memory_events == []
+        step(tiny_model, states[2])
+    assert {s.chunk for s in rec.self_attention_summaries} == {2} and len(rec.memory_events) == 1
+    assert not tiny_model.observers and not other.observers
+
+
+def test_observers_given_to_one_call(tiny_model):
+    from memflow_nb.recording import AttentionRecording
+
+    states, _ = run(tiny_model, 2)
+    rec = AttentionRecording(layers=None, kinds=("denoise", "clean"), steps=None, cross=True,
+                             block_bytes=1 << 20, max_bytes=1 << 24)
+    step(tiny_model, states[2], observers=[rec])
+    step(tiny_model, states[2])  # not given: not seen
+    kinds = [s.kind for s in rec.self_attention_summaries]
+    assert kinds.count("denoise") == 4 * tiny_model.cfg.num_layers and "clean" in kinds
+    assert len(rec.cross_attention_summaries) == 4 * tiny_model.cfg.num_layers + tiny_model.cfg.num_layers - 1
+
+
 def test_pooled_mass_equals_brute_force_softmax(tiny_model, monkeypatch):
     states, _ = run(tiny_model, 5)
     state = states[4]  # chunk 4: sink, two bank slots, rolled local window
