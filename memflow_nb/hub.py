@@ -160,7 +160,7 @@ def _missing_message(problems, local_dir) -> str:
 class Pipeline:
     """Everything a stream needs: the DiT, the prompt encoder, the VAE decoder and the settings.
 
-    model: CausalWanModel (`memflow_nb.stream.init_state` / `step` take it).
+    model: CausalWanModel (`memflow_nb.init_state` / `step` take it).
     text: PromptEncoder; `text(["a prompt"])` -> [B, 512, text_dim] on `device`.
     vae: WanVAEDecoder for `memflow_nb.vae.decode_chunk`.
     The "tiny" pipeline has random weights: it exercises every code path but makes noise, not pictures.

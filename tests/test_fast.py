@@ -76,3 +76,27 @@ def test_speed_modes_refuse_what_the_cpu_cannot_do(tiny_model, torch_settings):
         optimize_model(tiny_model, "turbo")
     with pytest.raises(TypeError, match="already optimized"):
         optimize_model(optimize_model(tiny_model, "exact", graphs=False), "exact")
+
+
+def test_workspace_in_a_shared_buffer_attends_like_its_own(tiny_model):
+    """What the CUDA-graph runner relies on: the workspace layout of chunk 0 and of the steady
+    state, and a workspace kept in a larger, reused buffer giving the same bits."""
+    from memflow_nb.engine.context import PassAttention, Workspace
+    from memflow_nb.engine.steps import update_memory
+
+    states, _ = stream_states(tiny_model, 12)
+    first = Workspace(states[0], 0, 3, recompute=False)
+    assert (first.n_frames, first.runs) == (3, ((0, 0, 3),))
+    state = update_memory(tiny_model, states[12])
+    p0 = state.position
+    x = torch.randn(1, 3, 16, 8, 8)
+    t = torch.full((1, 3), 937.5)
+    outs = []
+    for shared in (False, True):
+        ws = Workspace(state, p0, p0 + 3, recompute=False)
+        assert (ws.n_frames, ws.runs, ws.n_glob) == (15, ((12, 0, 3),), 6)  # sink 3, bank 3, window 9
+        if shared:
+            T, cfg = ws.T, tiny_model.cfg
+            ws.use(torch.randn(cfg.num_layers, 2, 1, (ws.n_frames + 4) * T, cfg.num_heads, cfg.head_dim))
+        outs.append(tiny_model(x, t, state.text_kv, ws.rope_start, PassAttention(ws, "denoise", 0)))
+    assert torch.equal(outs[0], outs[1])

@@ -23,6 +23,10 @@ KV = torch.Tensor  # [L, 2, B, T * frames, H, D]
 MEMORY_LOG_MAX = 512
 
 
+def _bank_field(name: str, doc: str) -> property:
+    return property(lambda state: getattr(state.memory, name), doc=doc)
+
+
 @dataclass(frozen=True, eq=False)
 class State:
     """Everything a stream carries between chunks. Treat every tensor as read-only.
@@ -48,38 +52,14 @@ class State:
     memory_log: tuple[MemoryEvent, ...]  # the last MEMORY_LOG_MAX bank refreshes
     pos_offset: int = 0  # RoPE position = frame - pos_offset (see memflow_nb.engine.steps)
 
-    @property
-    def bank(self) -> tuple[torch.Tensor, ...]:
-        """Bank slots, kv [L, 2, B, T, H, D] each."""
-        return self.memory.slots
-
-    @property
-    def bank_frames(self) -> torch.Tensor:
-        """[L, B, n_slots] long: source latent frame of each slot."""
-        return self.memory.frames
-
-    @property
-    def bank_scores(self) -> torch.Tensor:
-        """[L, B, n_slots] float32: last NAM score of each slot (nan: not scored yet)."""
-        return self.memory.scores
-
-    @property
-    def pending(self) -> Optional[torch.Tensor]:
-        """The newest record [L, 2, B, T, H, D]; it enters the bank at the next refresh."""
-        return self.memory.pending
-
-    @property
-    def pending_frame(self) -> int:
-        return self.memory.pending_frame
-
-    @property
-    def n_records(self) -> int:
-        return self.memory.n_records
-
-    @property
-    def records(self) -> tuple[tuple[int, torch.Tensor], ...]:
-        """(frame, clean latents [B, C, h, w]) of the frames in the bank or pending."""
-        return self.memory.records
+    # The bank's fields, read through the state (read-only).
+    bank = _bank_field("slots", "Bank slots, kv [L, 2, B, T, H, D] each.")
+    bank_frames = _bank_field("frames", "[L, B, n_slots] long: source latent frame of each slot.")
+    bank_scores = _bank_field("scores", "[L, B, n_slots] float32: last NAM score of each slot (nan: not scored yet).")
+    pending = _bank_field("pending", "The newest record [L, 2, B, T, H, D] (or None); it enters at the next refresh.")
+    pending_frame = _bank_field("pending_frame", "Source frame of the pending record (-1: none).")
+    n_records = _bank_field("n_records", "Records made so far (the official bank pointer).")
+    records = _bank_field("records", "(frame, clean latents [B, C, h, w]) of the frames in the bank or pending.")
 
     @property
     def chunk_index(self) -> int:
