@@ -33,7 +33,7 @@ from typing import Optional, Sequence, Union
 
 from . import ranks as R
 from .cli import DEFAULT_OFFICIAL_LATENT_FRAMES, DEFAULT_SWITCHES, _frames_to_chunks
-from .config import StreamConfig
+from .engine.config import StreamConfig
 from .study_plan import Run, StudyInputError, parse_seeds, parse_settings, plan_runs, read_stories, shard
 from .study_run import run_one
 from .study_store import StudyStore, check_table_format, now

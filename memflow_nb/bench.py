@@ -13,17 +13,19 @@ Modes:
 from __future__ import annotations
 
 import argparse
-import contextlib
+import dataclasses
+import gc
 import json
 import math
 import time
 
 import torch
 
-from .config import ModelConfig, StreamConfig
-from .model import CausalWanModel, uncompile_model
+from .engine.config import ModelConfig, StreamConfig
+from .engine.context import PassAttention, Workspace
+from .engine.model import CausalWanModel
+from .engine.steps import init_state, step, update_memory
 from .tae import decoder_fns
-from .stream import _Context, init_state, step, update_memory
 from .vae import VAEConfig, WanVAEDecoder, decode_chunk, init_decode_state, to_uint8
 
 
@@ -45,19 +47,6 @@ def random_module(build, device, dtype, seed: int = 0):
             else:
                 p.div_(math.sqrt(math.prod(p.shape[1:])))
     return m.to(dtype).eval().requires_grad_(False)
-
-
-@contextlib.contextmanager
-def attention_backend(mode: str):
-    """cuDNN attention first (the fastest SDPA kernel on Hopper), falling back to the others."""
-    if mode == "eager":
-        yield
-        return
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-    with sdpa_kernel(order, set_priority=True):
-        yield
 
 
 class _Timer:
@@ -86,73 +75,73 @@ def bench_case(model, vae, height, width, mode, chunks, warm_chunks, prompt, vae
         import functools
         decode_chunk = functools.partial(decode_chunk, per_frame=True)
         out["vae_per_frame"] = True
-    with attention_backend(mode):
-        state = init_state(model, stream, prompt, height=height, width=width, seed=0)
-        vstate = init_decode_state(vae)
-        # Warm-up: compile every shape and reach the steady state (full bank, rolled window).
-        for _ in range(warm_chunks):
+    state = init_state(model, stream, prompt, height=height, width=width, seed=0)
+    vstate = init_decode_state(vae)
+    # Warm-up: compile every shape and reach the steady state (full bank, rolled window).
+    for _ in range(warm_chunks):
+        state, x0 = step(model, state)
+        _, vstate = decode_chunk(vae, x0, vstate)
+    torch.cuda.synchronize()
+    s0, v0 = state, vstate
+    with _Timer() as t:
+        for _ in range(chunks):
             state, x0 = step(model, state)
-            _, vstate = decode_chunk(vae, x0, vstate)
-        torch.cuda.synchronize()
-        s0, v0 = state, vstate
-        with _Timer() as t:
-            for _ in range(chunks):
-                state, x0 = step(model, state)
-        out["diffusion_ms_per_chunk"] = t.ms / chunks
-        out["diffusion_fps"] = 12 * chunks / (t.ms / 1000)
-        state, vstate = s0, v0
-        del s0, v0  # a user holds one state; peak memory is measured that way
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        with _Timer() as t:
-            for _ in range(chunks):
-                state, x0 = step(model, state)
+    out["diffusion_ms_per_chunk"] = t.ms / chunks
+    out["diffusion_fps"] = 12 * chunks / (t.ms / 1000)
+    state, vstate = s0, v0
+    del s0, v0  # a user holds one state; peak memory is measured that way
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    with _Timer() as t:
+        for _ in range(chunks):
+            state, x0 = step(model, state)
+            pixels, vstate = decode_chunk(vae, x0, vstate)
+    out["e2e_ms_per_chunk"] = t.ms / chunks
+    out["e2e_fps"] = 12 * chunks / (t.ms / 1000)
+    out["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    # The same with each chunk's decode on a second stream, overlapping the next chunk's DiT.
+    side = torch.cuda.Stream()
+    with _Timer() as t:
+        for _ in range(chunks):
+            state, x0 = step(model, state)
+            side.wait_event(torch.cuda.current_stream().record_event())
+            with torch.cuda.stream(side):
+                x0.record_stream(side)
                 pixels, vstate = decode_chunk(vae, x0, vstate)
-        out["e2e_ms_per_chunk"] = t.ms / chunks
-        out["e2e_fps"] = 12 * chunks / (t.ms / 1000)
-        out["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 1e9
-        # The same with each chunk's decode on a second stream, overlapping the next chunk's DiT.
-        side = torch.cuda.Stream()
-        with _Timer() as t:
-            for _ in range(chunks):
-                state, x0 = step(model, state)
-                side.wait_event(torch.cuda.current_stream().record_event())
-                with torch.cuda.stream(side):
-                    x0.record_stream(side)
-                    pixels, vstate = decode_chunk(vae, x0, vstate)
-            torch.cuda.current_stream().wait_stream(side)
-        out["e2e_overlap_fps"] = 12 * chunks / (t.ms / 1000)
-        with _Timer() as t:
-            for _ in range(chunks):
-                decode_chunk(vae, x0, vstate)
-        out["vae_ms_per_chunk"] = t.ms / chunks
-        # One DiT denoising pass in the steady state.
-        st = update_memory(model, state)
-        ctx = _Context(st, st.position, st.position + 3, recompute=False)
-        x = torch.randn_like(x0)
-        tt = torch.full((1, 3), 937.5, device=x.device)
-        graphs = getattr(model, "pass_graphs", None)
-        if graphs is not None and graphs.usable(ctx):
-            graphs.prepare(ctx)
-            one_pass = lambda: graphs.run(ctx, x, 937.5, "denoise")  # noqa: E731
-        else:
-            one_pass = lambda: model(x, tt, st.text_kv, st.position, ctx.attend_fn("denoise", 0))  # noqa: E731
-        for _ in range(2):
+        torch.cuda.current_stream().wait_stream(side)
+    out["e2e_overlap_fps"] = 12 * chunks / (t.ms / 1000)
+    with _Timer() as t:
+        for _ in range(chunks):
+            decode_chunk(vae, x0, vstate)
+    out["vae_ms_per_chunk"] = t.ms / chunks
+    # One DiT denoising pass in the steady state.
+    st = update_memory(model, state)
+    ws = Workspace(st, st.position, st.position + 3, recompute=False)
+    x = torch.randn_like(x0)
+    tt = torch.full((1, 3), 937.5, device=x.device)
+    graphs = model.graphs
+    if graphs is not None and graphs.usable(ws):
+        graphs.prepare(ws)
+        one_pass = lambda: graphs.run(ws, x, 937.5, "denoise")  # noqa: E731
+    else:
+        attend = PassAttention(ws, "denoise", 0, backends=model.attention_backends)
+        one_pass = lambda: model(x, tt, st.text_kv, ws.rope_start, attend)  # noqa: E731
+    for _ in range(2):
+        one_pass()
+    with _Timer() as t:
+        for _ in range(10):
             one_pass()
+    out["dit_pass_ms"] = t.ms / 10
+    out["cuda_graphs"] = graphs is not None and graphs.usable(ws)
+    # First chunk: prompt embeddings -> 9 frames on the host.
+    for _ in range(2):
         with _Timer() as t:
-            for _ in range(10):
-                one_pass()
-        out["dit_pass_ms"] = t.ms / 10
-        out["cuda_graphs"] = graphs is not None and graphs.usable(ctx)
-        # First chunk: prompt embeddings -> 9 frames on the host.
-        for _ in range(2):
-            with _Timer() as t:
-                s = init_state(model, stream, prompt, height=height, width=width, seed=1)
-                s, x0 = step(model, s)
-                pixels, _ = decode_chunk(vae, x0, init_decode_state(vae))
-                frames = to_uint8(pixels[0])
-        out["first_chunk_ms"] = t.ms
-        assert frames.shape[0] == 9
+            s = init_state(model, stream, prompt, height=height, width=width, seed=1)
+            s, x0 = step(model, s)
+            pixels, _ = decode_chunk(vae, x0, init_decode_state(vae))
+            frames = to_uint8(pixels[0])
+    out["first_chunk_ms"] = t.ms
+    assert frames.shape[0] == 9
     return out
 
 
@@ -215,8 +204,7 @@ def golden_check(path, device) -> dict:
 
     _, t = load_golden(path)
     ref = t["latents"].double()
-    with attention_backend("exact"):
-        out = run_golden(path, device=device, dtype=torch.bfloat16, compile=True).double()
+    out = run_golden(path, device=device, dtype=torch.bfloat16, compile=True).double()
     d = (out - ref).abs()
     n = out.shape[1] // 3
     return {"golden": str(path), "max_abs_diff": float(d.max()), "mean_abs_diff": float(d.mean()),
@@ -226,57 +214,42 @@ def golden_check(path, device) -> dict:
 
 
 def vae_variants(vae, height, width) -> list[dict]:
-    """Time the VAE decode of one steady-state chunk (3 latent frames) several ways."""
-    from . import vae as vae_mod
+    """Time the VAE decode of one steady-state chunk (3 latent frames) several ways: eager and
+    compiled (`fast.vae.CompiledVAE`, with the speed settings), in two memory formats, whole
+    chunk or frame by frame; each against the eager numbers."""
+    from dataclasses import replace
+
+    from .fast import settings
+    from .fast.vae import CompiledVAE
 
     lat = torch.randn(1, 3, 16, height // 8, width // 8, device="cuda", dtype=torch.bfloat16)
-    out = []
-    for compiled in (False, True):
-        if compiled:
-            vae_mod.compile_vae(vae)
-            torch.backends.cudnn.benchmark = True  # compiled rows also let cuDNN autotune
-        for fmt_name, fmt in (("contiguous", torch.contiguous_format), ("channels_last", torch.channels_last_3d)):
-            for per_frame in (False, True):
-                _, st = decode_chunk(vae, lat, init_decode_state(vae), memory_format=fmt)
-                for _ in range(2):
-                    decode_chunk(vae, lat, st, memory_format=fmt, per_frame=per_frame)
-                torch.cuda.reset_peak_memory_stats()
-                base = torch.cuda.memory_allocated()
-                with _Timer() as t:
-                    for _ in range(3):
-                        decode_chunk(vae, lat, st, memory_format=fmt, per_frame=per_frame)
-                out.append({"size": f"{width}x{height}", "compiled_norm": compiled, "format": fmt_name,
-                            "per_frame": per_frame, "ms": t.ms / 3,
-                            "peak_extra_gb": (torch.cuda.max_memory_allocated() - base) / 1e9})
-                print(json.dumps(out[-1]), flush=True)
-    # The whole decoder under torch.compile, against eager output for the numbers.
-    torch.backends.cudnn.benchmark = True
     _, st = decode_chunk(vae, lat, init_decode_state(vae))
     ref, _ = decode_chunk(vae, lat, st)
-    vae_mod.compile_vae(vae, whole=True)
-    for fmt_name, fmt in (("contiguous", torch.contiguous_format), ("channels_last", torch.channels_last_3d)):
-        for per_frame in (False, True):
-            try:
-                _, st2 = decode_chunk(vae, lat, init_decode_state(vae), memory_format=fmt, per_frame=per_frame)
-                for _ in range(2):
-                    got, _ = decode_chunk(vae, lat, st2, memory_format=fmt, per_frame=per_frame)
-                torch.cuda.reset_peak_memory_stats()
-                base = torch.cuda.memory_allocated()
-                with _Timer() as t:
-                    for _ in range(3):
-                        decode_chunk(vae, lat, st2, memory_format=fmt, per_frame=per_frame)
-                row = {"size": f"{width}x{height}", "compiled_decoder": True, "format": fmt_name,
-                       "per_frame": per_frame, "ms": t.ms / 3,
-                       "peak_extra_gb": (torch.cuda.max_memory_allocated() - base) / 1e9,
-                       "max_abs_diff_vs_eager": float((got - ref).abs().max())}
-            except Exception as e:  # report, do not abort the benchmark
-                row = {"size": f"{width}x{height}", "compiled_decoder": "failed", "error": repr(e)[:300]}
-            out.append(row)
-            print(json.dumps(row), flush=True)
-    vae.decoder.forward = vae.decoder._eager_forward
-    del vae.decoder._eager_forward
-    torch.backends.cudnn.benchmark = False
-    vae_mod._NORM_SILU = vae_mod._norm_silu
+    out = []
+    eager_settings = replace(settings.read(), cudnn_benchmark=False)
+    for name, decoder, torch_settings in (("eager", vae, eager_settings),
+                                          ("compiled", CompiledVAE(vae), settings.SPEED)):
+        with settings.applied(torch_settings):
+            for fmt_name, fmt in (("contiguous", torch.contiguous_format), ("channels_last", torch.channels_last_3d)):
+                for per_frame in (False, True):
+                    try:
+                        _, st2 = decode_chunk(decoder, lat, init_decode_state(decoder), memory_format=fmt,
+                                              per_frame=per_frame)
+                        for _ in range(2):
+                            got, _ = decode_chunk(decoder, lat, st2, memory_format=fmt, per_frame=per_frame)
+                        torch.cuda.reset_peak_memory_stats()
+                        base = torch.cuda.memory_allocated()
+                        with _Timer() as t:
+                            for _ in range(3):
+                                decode_chunk(decoder, lat, st2, memory_format=fmt, per_frame=per_frame)
+                        row = {"size": f"{width}x{height}", "decoder": name, "format": fmt_name,
+                               "per_frame": per_frame, "ms": t.ms / 3,
+                               "peak_extra_gb": (torch.cuda.max_memory_allocated() - base) / 1e9,
+                               "max_abs_diff_vs_eager": float((got - ref).abs().max())}
+                    except Exception as e:  # report, do not abort the benchmark
+                        row = {"size": f"{width}x{height}", "decoder": name, "failed": repr(e)[:300]}
+                    out.append(row)
+                    print(json.dumps(row), flush=True)
     return out
 
 
@@ -284,24 +257,54 @@ def profile_chunk(model, vae, height, width, mode, prompt, path=None) -> str:
     """torch.profiler over two steady-state chunks (step + decode): the top GPU and CPU ops."""
     stream = StreamConfig(sma=mode == "fast")
     init_decode_state, decode_chunk = decoder_fns(vae)
-    with attention_backend(mode):
-        state = init_state(model, stream, prompt, height=height, width=width, seed=0)
-        vstate = init_decode_state(vae)
-        for _ in range(12):
+    state = init_state(model, stream, prompt, height=height, width=width, seed=0)
+    vstate = init_decode_state(vae)
+    for _ in range(12):
+        state, x0 = step(model, state)
+        _, vstate = decode_chunk(vae, x0, vstate)
+    torch.cuda.synchronize()
+    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=acts) as prof:
+        for _ in range(2):
             state, x0 = step(model, state)
             _, vstate = decode_chunk(vae, x0, vstate)
         torch.cuda.synchronize()
-        acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-        with torch.profiler.profile(activities=acts) as prof:
-            for _ in range(2):
-                state, x0 = step(model, state)
-                _, vstate = decode_chunk(vae, x0, vstate)
-            torch.cuda.synchronize()
     if path:
         prof.export_chrome_trace(path)
     ka = prof.key_averages()
     return (ka.table(sort_by="cuda_time_total", row_limit=28, max_name_column_width=60) + "\n"
             + ka.table(sort_by="cpu_time_total", row_limit=22, max_name_column_width=60))
+
+
+def run_mode(args, mode: str, base, vae, prompt) -> list[dict]:
+    """The cases of one mode: `base` and `vae` as they are (eager), or wrapped (exact / fast)."""
+    from .fast import optimize_model
+    from .fast.vae import CompiledVAE
+
+    model, decoder = base, vae
+    if mode != "eager":
+        model, decoder = optimize_model(base, mode, graphs=not args.no_graphs), CompiledVAE(vae)
+    if mode == "fast":  # fast mode previews with the tiny decoder
+        from .tae import TAEConfig, TAEDecoder
+
+        p = next(base.parameters())
+        decoder = random_module(lambda: TAEDecoder(TAEConfig()), p.device, p.dtype, seed=2)
+    if args.profile:
+        w, h = (int(v) for v in args.profile.split("x"))
+        trace = f"{args.trace_dir}/trace_{mode}_{args.profile}.json" if args.trace_dir else None
+        print(f"=== profile {mode} {args.profile}\n" + profile_chunk(model, decoder, h, w, mode, prompt, trace))
+        return []
+    cases = []
+    for size in args.sizes.split(","):
+        w, h = (int(v) for v in size.split("x"))
+        t0 = time.perf_counter()
+        case = bench_case(model, decoder, h, w, mode, args.chunks, args.warm_chunks, prompt,
+                          vae_per_frame=args.vae_per_frame)
+        case["cuda_graphs_enabled"] = not args.no_graphs
+        case["wall_s"] = time.perf_counter() - t0
+        cases.append(case)
+        print(json.dumps(case), flush=True)
+    return cases
 
 
 def main(argv=None) -> dict:
@@ -323,7 +326,6 @@ def main(argv=None) -> dict:
     if not torch.cuda.is_available():
         raise SystemExit("the benchmark needs a CUDA GPU")
     dev, dtype = torch.device("cuda"), torch.bfloat16
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
     res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
            "command": "python -m memflow_nb.bench " + " ".join(argv or []), "cases": []}
     if args.load_test:
@@ -342,40 +344,15 @@ def main(argv=None) -> dict:
     if args.vae_variants:
         res["vae"] = [v for size in args.sizes.split(",") for v in
                       vae_variants(vae, *(int(x) for x in size.split("x")[::-1]))]
-    from . import model as model_mod
-    from .speed import optimize_model
-    from .vae import compile_vae
+    from .fast import settings
 
     for mode in args.modes.split(","):
-        if mode == "eager":
-            model = uncompile_model(base)
-            base.pass_graphs, model_mod.SDPA_BACKENDS = None, None
-        elif mode == "exact":
-            model = optimize_model(base, "exact", graphs=not args.no_graphs)
-        else:
-            model = optimize_model(random_module(lambda: CausalWanModel(cfg), dev, dtype), "fast",
-                                   graphs=not args.no_graphs)
-        decoder = vae
-        if mode != "eager":
-            torch.backends.cudnn.benchmark = True
-            compile_vae(vae)
-        if mode == "fast":  # fast mode previews with the tiny decoder
-            from .tae import TAEConfig, TAEDecoder
-            decoder = random_module(lambda: TAEDecoder(TAEConfig()), dev, dtype, seed=2)
-        if args.profile:
-            w, h = (int(v) for v in args.profile.split("x"))
-            trace = f"{args.trace_dir}/trace_{mode}_{args.profile}.json" if args.trace_dir else None
-            print(f"=== profile {mode} {args.profile}\n" + profile_chunk(model, decoder, h, w, mode, prompt.to(dev), trace))
-            continue
-        for size in args.sizes.split(","):
-            w, h = (int(v) for v in size.split("x"))
-            t0 = time.perf_counter()
-            case = bench_case(model, decoder, h, w, mode, args.chunks, args.warm_chunks, prompt.to(dev),
-                              vae_per_frame=args.vae_per_frame)
-            case["cuda_graphs_enabled"] = not args.no_graphs
-            case["wall_s"] = time.perf_counter() - t0
-            res["cases"].append(case)
-            print(json.dumps(case), flush=True)
+        # eager: the plain model and VAE with cuDNN's autotuner off; exact / fast: the wrappers, the speed settings.
+        eager = dataclasses.replace(settings.SPEED, cudnn_benchmark=False)
+        with settings.applied(eager if mode == "eager" else settings.SPEED):
+            res["cases"] += run_mode(args, mode, base, vae, prompt.to(dev))
+        gc.collect()  # the wrappers of this mode (graphs and their memory pools) go before the next
+        torch.cuda.empty_cache()
     print(json.dumps(res, indent=1))
     if args.json:
         with open(args.json, "w") as f:

@@ -73,7 +73,7 @@ def _read_timeline(args):
 def _generate(args) -> int:
     import torch
 
-    from .config import latent_size
+    from .engine.config import latent_size
     from .generation import generate, render_size
     from .hub import load
     from .timeline import FPS
@@ -93,13 +93,13 @@ def _generate(args) -> int:
     else:
         pipe = load("memflow", local_dir=args.local_dir, device=device, progress=not args.no_progress)
     height, width = render_size(pipe, timeline, args.height, args.width)
-    from .stream import _check_memory, _check_seed
+    from .engine.checks import check_memory, check_seed
 
     try:
         h, w = latent_size(height, width)
         if args.seed is not None:
-            _check_seed(args.seed)
-        _check_memory(pipe.model, pipe.stream, h, w, 1)  # refuse sizes that cannot fit, before any work
+            check_seed(args.seed)
+        check_memory(pipe.model, pipe.stream, h, w, 1)  # refuse sizes that cannot fit, before any work
     except (ValueError, TypeError) as e:
         raise UsageError(f"--seed {args.seed}: {e}" if "seed" in str(e) else str(e)) from None
     chunks = _frames_to_chunks(args.frames, pipe.stream.chunk_frames) if args.frames else timeline.num_chunks

@@ -87,8 +87,8 @@ def lora_shapes(dit_shapes: dict[str, tuple[int, ...]], rank: int) -> dict[str, 
 def make_weight_files(root, *, device: str = "cpu", scale: str = "full", seed: int = 0) -> dict[str, int]:
     """Write the five files under `root`; returns {relative path: bytes}. scale="tiny" shrinks the DiT
     and the umT5 encoder (same names, small widths) for a quick check of the whole loading path."""
-    from .config import ModelConfig
-    from .model import CausalWanModel
+    from .engine.config import ModelConfig
+    from .engine.model import CausalWanModel
     from .text_encoder import T5Config, UMT5Encoder
 
     root = Path(root)

@@ -18,8 +18,8 @@ import math
 
 import torch
 
-from .config import ModelConfig, StreamConfig
-from .fp8 import FP8_LINEARS
+from .engine.config import ModelConfig, StreamConfig
+from .fast.fp8 import FP8_LINEARS
 from .text_encoder import T5Config
 from .vae import VAEConfig
 
@@ -46,7 +46,7 @@ def configs(name: str) -> tuple[ModelConfig, T5Config, VAEConfig]:
 @functools.lru_cache(maxsize=None)
 def _meta_params(kind: str, cfg) -> tuple[int, tuple[tuple[int, int, int], ...]]:
     """(parameter count, fp8-able linears as (weight numel, out features, bias numel)) of a module."""
-    from .model import CausalWanModel
+    from .engine.model import CausalWanModel
     from .text_encoder import UMT5Encoder
     from .vae import WanVAEDecoder
 

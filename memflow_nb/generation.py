@@ -15,7 +15,8 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
-from .stream import State, init_state, set_prompt, state_to, step
+from .engine.state import State, state_to
+from .engine.steps import init_state, set_prompt, step
 from .conditioning import chunk_embeddings
 from .tae import decoder_fns
 from .timeline import Timeline

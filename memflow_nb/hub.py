@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-from .config import ModelConfig, StreamConfig
+from .engine.config import ModelConfig, StreamConfig
+from .engine.model import CausalWanModel
 from .io import WeightsNotFound, load_dit, load_text_encoder, load_vae
 from .lora_stack import add_loras
-from .model import CausalWanModel
 from .precision import DtypeLike, resolve_dtype
 from .text_encoder import PromptEncoder, T5Config, Tokenizer, UMT5Encoder
 from .vae import VAEConfig, WanVAEDecoder
@@ -161,7 +161,7 @@ def _missing_message(problems, local_dir) -> str:
 class Pipeline:
     """Everything a stream needs: the DiT, the prompt encoder, the VAE decoder and the settings.
 
-    model: CausalWanModel (`memflow_nb.stream.init_state` / `step` take it).
+    model: CausalWanModel (`memflow_nb.init_state` / `step` take it).
     text: PromptEncoder; `text(["a prompt"])` -> [B, 512, text_dim] on `device`.
     vae: WanVAEDecoder for `memflow_nb.vae.decode_chunk`.
     The "tiny" pipeline has random weights: it exercises every code path but makes noise, not pictures.

@@ -29,8 +29,8 @@ from typing import Mapping
 import torch
 from torch import Tensor
 
-from .config import MODEL_PRESETS, ModelConfig
-from .model import CausalWanModel
+from .engine.config import MODEL_PRESETS, ModelConfig
+from .engine.model import CausalWanModel
 from .text_encoder import PromptEncoder, T5Config, Tokenizer, UMT5Encoder
 from .vae import VAEConfig, WanVAEDecoder, load_vae_decoder, split_vae_state_dict
 

@@ -17,7 +17,7 @@ import math
 import torch
 
 from . import footprint as fp
-from .config import StreamConfig
+from .engine.config import StreamConfig
 
 __all__ = ["peak_bytes", "measure_stream", "measure_vae", "measure_pipeline", "row"]
 
@@ -62,7 +62,7 @@ def measure_stream(model, stream: StreamConfig, height: int, width: int, prompt_
                    new_prompt: torch.Tensor) -> list[dict]:
     """Stream state, a chunk's peak (one that compresses the bank) and a prompt switch's peak, each
     measured against its estimate. prompt_embeds, new_prompt: [B, Ltxt, text_dim]."""
-    from .stream import init_state, set_prompt, step
+    from .engine.steps import init_state, set_prompt, step
 
     p = next(model.parameters())
     cfg, e, b = model.cfg, p.element_size(), prompt_embeds.shape[0]
@@ -106,7 +106,7 @@ def measure_vae(vae, latent_hw: tuple[int, int], chunk_frames: int, batch: int =
 def measure_pipeline(model, vae, stream: StreamConfig, height: int, width: int, prompt_embeds, new_prompt) -> dict:
     """CUDA: all memory allocated at the peak of steady chunks, their decodes and a prompt switch,
     against weights + stream state + decode state + the largest phase of the plan."""
-    from .stream import init_state, set_prompt, step
+    from .engine.steps import init_state, set_prompt, step
     from .vae import decode_chunk, init_decode_state
 
     p = next(model.parameters())
@@ -138,8 +138,8 @@ def _main(argv=None) -> None:
     import argparse
 
     from .bench import random_module
-    from .config import ModelConfig
-    from .model import CausalWanModel
+    from .engine.config import ModelConfig
+    from .engine.model import CausalWanModel
     from .precision import resolve_dtype
     from .vae import VAEConfig, WanVAEDecoder
 
@@ -169,7 +169,7 @@ def _main(argv=None) -> None:
         base = torch.cuda.memory_allocated()
         model = random_module(lambda: CausalWanModel(cfg), dev, dtype)  # a second copy, converted
         if torch.cuda.get_device_capability(dev) >= (8, 9):
-            from .fp8 import to_fp8
+            from .fast.fp8 import to_fp8
 
             to_fp8(model)
             torch.cuda.synchronize()

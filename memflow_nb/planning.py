@@ -21,8 +21,8 @@ from typing import Optional, Union
 import torch
 
 from . import footprint as fp
-from .config import StreamConfig, latent_size
-from .fp8 import FP8_CAPABILITY
+from .engine.config import StreamConfig, latent_size
+from .fast.fp8 import FP8_CAPABILITY
 from .hardware import GB, PRESETS, Hardware
 from .precision import DtypeLike, resolve_dtype
 

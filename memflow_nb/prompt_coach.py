@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, Optional
 
 from . import prompt_text as pt
-from .config import ModelConfig
+from .engine.config import ModelConfig
 from .timeline import CHUNK_FRAMES, Timeline, time_of_chunk
 
 Severity = Literal["info", "warn"]

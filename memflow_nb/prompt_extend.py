@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from .config import ModelConfig
+from .engine.config import ModelConfig
 from .prompt_text import CountsTokens, truncate_to_tokens
 
 # A 0.5B instruction-tuned model: about 1 GB of float32 weights, a few seconds per prompt on a CPU.

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
-from .config import StreamConfig
+from .engine.config import StreamConfig
 
 _BOOLS = {"on": True, "off": False, "true": True, "false": False, "yes": True, "no": False, "1": True, "0": False}
 _SAFE = re.compile(r"[^A-Za-z0-9._=-]+")

@@ -14,7 +14,7 @@ from typing import Optional
 import numpy as np
 
 from . import metrics as M
-from .config import StreamConfig
+from .engine.config import StreamConfig
 from .study_plan import Run
 from .study_store import StudyStore, jsonable, now, write_json
 
@@ -61,7 +61,7 @@ def _generate(tmp: Path, run: Run, pipe, height, width, layers, save_attention, 
               return_threshold, bar) -> dict:
     """Generate one run into `tmp`; returns the record's facts and metrics."""
     from .generation import generate, render_size
-    from .inspect import bank_history, record_attention
+    from .recording import bank_history, record_attention
     from .video import FPS, VideoFile
 
     timeline, stream = run.story.timeline, pipe.stream
@@ -72,7 +72,7 @@ def _generate(tmp: Path, run: Run, pipe, height, width, layers, save_attention, 
     texts = [max(seg.prompts, key=lambda p: p.weight).text for seg in timeline.segments]
     sampled, sampled_segment, switches, n_frames = [], [], [], 0
     t0 = time.perf_counter()
-    with record_attention(layers=layers, steps=[len(steps) - 1], cross=False) as rec:
+    with record_attention(pipe.model, layers=layers, steps=[len(steps) - 1], cross=False) as rec:
         with VideoFile(tmp / "video.mp4", (h, w), FPS) as video:
             for ch in generate(pipe, timeline, seed=run.seed, height=h, width=w, num_chunks=run.num_chunks,
                                progress=False):

@@ -54,7 +54,7 @@ def load_golden(path) -> tuple[dict, dict[str, torch.Tensor]]:
 
 def golden_stream_config(meta: dict):
     """StreamConfig from a DiT golden's meta['stream'] and step list (official key names)."""
-    from .config import StreamConfig
+    from .engine.config import StreamConfig
 
     s = meta["stream"]
     return StreamConfig(
@@ -76,9 +76,9 @@ def run_golden(path, *, device="cpu", dtype=torch.float32, compile: bool = False
     device / dtype / compile run the same case elsewhere (e.g. bf16 on a GPU) for accuracy checks;
     the result is returned as float32 on the CPU.
     """
-    from .config import ModelConfig
-    from .model import CausalWanModel
-    from .stream import init_state, set_prompt, step
+    from .engine.config import ModelConfig
+    from .engine.model import CausalWanModel
+    from .engine.steps import init_state, set_prompt, step
 
     meta, t = load_golden(path)
     cfg = ModelConfig.from_dict(meta["config"])
@@ -89,9 +89,9 @@ def run_golden(path, *, device="cpu", dtype=torch.float32, compile: bool = False
     model.load_state_dict(recipe_weights(shapes, meta["weight_seed"]), strict=True, assign=True)
     model = model.to(device, dtype).eval()
     if compile:
-        from .model import compile_model
+        from .fast import optimize_model
 
-        compile_model(model)
+        model = optimize_model(model, "exact", graphs=False)
     prompts = [t[f"prompt_embeds_{i}"] for i in range(len([k for k in t if k.startswith("prompt_embeds_")]))]
     noise, renoise = t["noise"], t["renoise"]
     B, n_frames = noise.shape[:2]

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .config import ModelConfig
+from .engine.config import ModelConfig
 
 __all__ = [
     "T5Config",

@@ -37,7 +37,7 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter,
                       ValidationInfo, field_validator, model_validator)
 from pydantic_core import PydanticCustomError
 
-from .config import StreamConfig
+from .engine.config import StreamConfig
 
 FPS = 16  # video frames per second of Wan2.1 / MemFlow output
 CHUNK_FRAMES = StreamConfig.chunk_frames  # latent frames per chunk (3, MemFlow's num_frame_per_block)

@@ -19,8 +19,8 @@ def make_tiny_model(seed: int = 0, **overrides):
     """A random-weight tiny DiT (recipe weights), eval mode, float32, CPU."""
     import dataclasses
 
-    from memflow_nb.config import ModelConfig
-    from memflow_nb.model import CausalWanModel
+    from memflow_nb.engine.config import ModelConfig
+    from memflow_nb.engine.model import CausalWanModel
     from memflow_nb.testing import recipe_weights
 
     cfg = dataclasses.replace(ModelConfig.from_name("tiny"), **overrides)
@@ -46,3 +46,26 @@ def make_tiny_vae(seed: int = 0):
     shapes = {k: tuple(v.shape) for k, v in vae.state_dict().items()}
     vae.load_state_dict(recipe_weights(shapes, seed), strict=True, assign=True)
     return vae.eval()
+
+
+def tiny_prompt(seed, text_dim=32, length=7):
+    """Random prompt embeddings [1, 512, text_dim], zero past `length` tokens (like a padded prompt)."""
+    g = torch.Generator().manual_seed(seed)
+    pe = torch.randn(1, 512, text_dim, generator=g)
+    pe[:, length:] = 0
+    return pe
+
+
+def stream_states(model, n_chunks, stream=None, hw=(64, 64), seed=3, prompt_seed=0, observers=()):
+    """Step a fresh stream n_chunks times: ([state 0, state after chunk 0, ...], [x0 of each chunk])."""
+    from memflow_nb.engine.config import StreamConfig
+    from memflow_nb.engine.steps import init_state, step
+
+    stream = StreamConfig() if stream is None else stream
+    state = init_state(model, stream, tiny_prompt(prompt_seed, model.cfg.text_dim), height=hw[0], width=hw[1], seed=seed)
+    states, outs = [state], []
+    for _ in range(n_chunks):
+        state, x0 = step(model, state, observers=observers)
+        states.append(state)
+        outs.append(x0)
+    return states, outs

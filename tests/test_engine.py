@@ -4,11 +4,12 @@ import json
 import pytest
 import torch
 
-from conftest import DATA, make_tiny_model
-from memflow_nb.config import ModelConfig, StreamConfig
-from memflow_nb.model import CausalWanModel
-from memflow_nb.schedule import add_noise, denoising_schedule, flow_to_x0
-from memflow_nb.stream import chunk_noise, init_state, set_prompt, step, update_memory
+from conftest import DATA, make_tiny_model, stream_states, tiny_prompt
+from memflow_nb.engine.config import ModelConfig, StreamConfig
+from memflow_nb.engine.model import CausalWanModel
+from memflow_nb.engine.noise import chunk_noise
+from memflow_nb.engine.schedule import add_noise, denoising_schedule, flow_to_x0
+from memflow_nb.engine.steps import init_state, set_prompt, step, update_memory
 from memflow_nb.testing import load_golden, run_golden
 
 
@@ -49,23 +50,6 @@ def test_schedule_is_the_warped_official_one():
 
 
 # -- helpers --------------------------------------------------------------------------------------
-
-def tiny_prompt(seed, text_dim=32, length=7):
-    g = torch.Generator().manual_seed(seed)
-    pe = torch.randn(1, 512, text_dim, generator=g)
-    pe[:, length:] = 0
-    return pe
-
-
-def stream_states(model, n_chunks, stream=StreamConfig(), hw=(64, 64), seed=3, prompt_seed=0):
-    state = init_state(model, stream, tiny_prompt(prompt_seed, model.cfg.text_dim), height=hw[0], width=hw[1], seed=seed)
-    states, outs = [state], []
-    for _ in range(n_chunks):
-        state, x0 = step(model, state)
-        states.append(state)
-        outs.append(x0)
-    return states, outs
-
 
 def same(a, b):
     """Bitwise equality that treats NaN (unscored bank slots) as equal to NaN."""
@@ -138,7 +122,8 @@ def test_cached_stream_equals_dense_masked_recompute(tiny_model):
 
 
 def test_workspace_fast_path_equals_reference_path_bitwise(tiny_model, monkeypatch):
-    import memflow_nb.stream as stream_mod
+    import memflow_nb.engine.steps as steps_mod
+    from concat_context import ConcatWorkspace
 
     def run():
         states, outs = stream_states(tiny_model, 11)
@@ -146,7 +131,7 @@ def test_workspace_fast_path_equals_reference_path_bitwise(tiny_model, monkeypat
         return outs + [step(tiny_model, s)[1]]
 
     fast = run()
-    monkeypatch.setattr(stream_mod, "USE_WORKSPACE", False)
+    monkeypatch.setattr(steps_mod, "Workspace", ConcatWorkspace)
     reference = run()
     assert all(torch.equal(a, b) for a, b in zip(fast, reference))
 

@@ -5,9 +5,9 @@ from pathlib import Path
 import torch
 
 import memflow_nb as mf
-from memflow_nb.config import ModelConfig
+from memflow_nb.engine.config import ModelConfig
 from memflow_nb.fake_weights import LORA_RANK, _shapes, lora_shapes, make_weight_files
-from memflow_nb.model import CausalWanModel
+from memflow_nb.engine.model import CausalWanModel
 
 DATA = Path(__file__).parent / "data"
 

@@ -16,13 +16,13 @@ from safetensors.torch import save_file
 
 import memflow_nb.io as mio
 from memflow_nb import hub
-from memflow_nb.config import ModelConfig
+from memflow_nb.engine.config import ModelConfig
 from memflow_nb.hub import REPOS, Pipeline, fetch_weights, load, tiny_tokenizer
 from memflow_nb.io import (KeyMismatch, UnsafeCheckpoint, WeightsCorrupt, WeightsNotFound, check_state_dict,
                            dit_state_dict, infer_dit_config, infer_t5_config, load_dit, load_text_encoder,
                            load_vae, lora_state_dict, merge_lora)
-from memflow_nb.model import CausalWanModel
-from memflow_nb.stream import init_state, step
+from memflow_nb.engine.model import CausalWanModel
+from memflow_nb.engine.steps import init_state, step
 from memflow_nb.testing import recipe_weights
 from memflow_nb.text_encoder import T5_PRESETS, T5Config, UMT5Encoder
 from memflow_nb.vae import VAEConfig, WanVAEDecoder, decode_chunk, init_decode_state

@@ -32,7 +32,7 @@ def test_engine_and_benchmark_need_only_torch():
     import subprocess
     import sys
 
-    code = ("import sys, memflow_nb.bench, memflow_nb.speed, memflow_nb.stream\n"
+    code = ("import sys, memflow_nb.bench, memflow_nb.fast, memflow_nb.engine.steps\n"
             "heavy = [m for m in ('pydantic', 'ftfy', 'mediapy', 'ipywidgets', 'tokenizers', 'matplotlib') "
             "if m in sys.modules]\n"
             "assert not heavy, heavy")

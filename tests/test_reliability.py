@@ -9,15 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-import memflow_nb.model as model_mod
-import memflow_nb.stream as stream_mod
-from conftest import make_tiny_model
-from memflow_nb.config import StreamConfig
+import memflow_nb.engine.model as model_mod
+from conftest import make_tiny_model, tiny_prompt
+from memflow_nb.engine.config import StreamConfig
+from memflow_nb.engine.steps import init_state, set_prompt, step
 from memflow_nb.generation import generate
 from memflow_nb.hub import load
-from memflow_nb.stream import init_state, set_prompt, step
 from memflow_nb.timeline import Timeline
-from test_engine import tiny_prompt
 
 
 # -- streams past the RoPE table --------------------------------------------------------------------
@@ -64,10 +62,9 @@ LONG_RUN = textwrap.dedent("""
     import gc, json, os, sys
     import torch
     sys.path.insert(0, "tests")
-    from conftest import make_tiny_model, make_tiny_vae
-    from test_engine import tiny_prompt
-    from memflow_nb.config import StreamConfig
-    from memflow_nb.stream import init_state, step
+    from conftest import make_tiny_model, make_tiny_vae, tiny_prompt
+    from memflow_nb.engine.config import StreamConfig
+    from memflow_nb.engine.steps import init_state, step
     from memflow_nb.vae import decode_chunk, init_decode_state
     model = make_tiny_model(rope_max_positions=64)
     vae = make_tiny_vae()
@@ -117,7 +114,7 @@ def test_ten_minute_stream_with_flat_memory():
 # -- interrupts -------------------------------------------------------------------------------------
 
 class Interrupter:
-    """A recorder that presses the notebook's stop button in the middle of chunk `at`."""
+    """An observer that presses the notebook's stop button in the middle of chunk `at`."""
 
     def __init__(self, at):
         self.at = at
@@ -126,34 +123,33 @@ class Interrupter:
         if info.chunk == self.at and layer == 1:
             raise KeyboardInterrupt
 
+    def cross_attention(self, info, layer, q, k):
+        pass
+
     def memory_event(self, event):
         pass
 
 
-def test_interrupt_mid_chunk_keeps_yielded_frames_and_resumes_exactly(monkeypatch):
+def test_interrupt_mid_chunk_keeps_yielded_frames_and_resumes_exactly():
     pipe = load("tiny", dtype=torch.float32)
     tl = Timeline(segments=[{"start": 0, "end": 6, "prompts": [{"text": "a boat on a lake at dawn, mist"}]}],
                   unit="chunks", height=32, width=32)
     reference = [c.frames for c in generate(pipe, tl, seed=5, progress=False)]
     kept = []
-    monkeypatch.setattr(stream_mod, "RECORDERS", [Interrupter(at=3)])
-    with pytest.raises(KeyboardInterrupt):
+    with pipe.model.observers.bound(Interrupter(at=3)), pytest.raises(KeyboardInterrupt):
         for ch in generate(pipe, tl, seed=5, progress=False):
             kept.append(ch)
-    monkeypatch.setattr(stream_mod, "RECORDERS", [])
     assert [c.index for c in kept] == [0, 1, 2]
     rest = [c.frames for c in generate(pipe, tl, start=kept[-1].checkpoint(), progress=False)]
     got = [c.frames for c in kept] + rest
     assert len(got) == len(reference) and all(np.array_equal(a, b) for a, b in zip(got, reference))
 
 
-def test_interrupted_step_leaves_the_state_usable(tiny_model, monkeypatch):
+def test_interrupted_step_leaves_the_state_usable(tiny_model):
     state, _ = run_chunks(tiny_model, 4, StreamConfig())
     before = step(tiny_model, state)[1]
-    monkeypatch.setattr(stream_mod, "RECORDERS", [Interrupter(at=4)])
     with pytest.raises(KeyboardInterrupt):
-        step(tiny_model, state)
-    monkeypatch.setattr(stream_mod, "RECORDERS", [])
+        step(tiny_model, state, observers=[Interrupter(at=4)])
     assert torch.equal(step(tiny_model, state)[1], before)
 
 

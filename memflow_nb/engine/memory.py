@@ -1,4 +1,5 @@
-"""The memory bank: Narrative Adaptive Memory (NAM) refresh and Sparse Memory Activation (SMA).
+"""The memory bank: its record (`Bank`), the Narrative Adaptive Memory (NAM) refresh and Sparse
+Memory Activation (SMA).
 
 Bank slots are per-frame key/value tensors shaped [L, 2, B, T, H, D] (all layers stacked; T tokens
 of one latent frame). Each layer and batch item selects its own frames, so slot j of layer l may
@@ -6,6 +7,7 @@ hold a different source frame than slot j of layer l+1; `frames` [L, B, n] recor
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -28,6 +30,84 @@ class MemoryEvent:
     frames_after: torch.Tensor
     scores: Optional[torch.Tensor]
     text_zeroed: bool  # the official quirk: scored against all-zero text keys right after a switch
+
+
+@dataclass(frozen=True, eq=False)
+class Bank:
+    """A stream's memory bank. Immutable; every tensor is read-only (states share them).
+
+    Shapes: L layers, B batch, T tokens per latent frame, H heads, D head dim, C latent channels.
+    """
+
+    slots: tuple[torch.Tensor, ...]  # kv [L, 2, B, T, H, D] per slot
+    frames: torch.Tensor  # [L, B, n_slots] long: source latent frame of each slot (-1: never filled)
+    scores: torch.Tensor  # [L, B, n_slots] float32: last NAM score (nan: not scored yet)
+    pending: Optional[torch.Tensor] = None  # newest record [L, 2, B, T, H, D], enters at the next refresh
+    pending_frame: int = -1  # -1 if none
+    n_records: int = 0  # records made so far (the official bank pointer)
+    records: tuple[tuple[int, torch.Tensor], ...] = ()  # clean latents [B, C, h, w] of frames in bank/pending
+
+    @classmethod
+    def empty(cls, num_layers: int, batch: int) -> "Bank":
+        return cls((), torch.zeros(num_layers, batch, 0, dtype=torch.long), torch.zeros(num_layers, batch, 0))
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor the bank holds (for byte counts)."""
+        pending = [self.pending] if self.pending is not None else []
+        return [self.frames, self.scores, *self.slots, *pending, *(x for _, x in self.records)]
+
+    def with_record(self, frame: int, kv: torch.Tensor, latent: torch.Tensor, n_records: int) -> "Bank":
+        """The bank with frame `frame` (keys/values kv, clean latent [B, C, h, w]) as the pending record."""
+        records = _live_records(self.records + ((frame, latent),), self.frames, frame)
+        return dataclasses.replace(self, pending=kv, pending_frame=frame, n_records=n_records, records=records)
+
+
+def refresh(bank: Bank, text_k: torch.Tensor, *, bank_size: int, chunk: int,
+            text_zeroed: bool) -> tuple[Bank, Optional[MemoryEvent]]:
+    """The NAM bank refresh before chunk `chunk`: (new bank, what happened), or (bank, None) when
+    there is nothing to do.
+
+    While the bank has free slots the pending record is put in slot n_records - 1. Once it is
+    full, each layer scores its slots against the text keys text_k [L, B, Ltxt, H, D] (zeros when
+    `text_zeroed`), keeps the bank_size - 1 best (best first) and appends the pending record.
+    """
+    n = bank.n_records
+    if bank_size == 0 or n == 0 or bank.pending is None:
+        return bank, None
+    L, B, _ = bank.frames.shape
+    pend_frames = torch.full((L, B, 1), bank.pending_frame, dtype=torch.long)
+    before = bank.frames
+    if n <= bank_size:
+        slots, frames, scores = list(bank.slots), before.clone(), bank.scores.clone()
+        while len(slots) < n - 1:  # never-filled slots read as zeros in the reference
+            slots.append(torch.zeros_like(bank.pending))
+            frames = torch.cat([frames, torch.full((L, B, 1), -1, dtype=torch.long)], 2)
+            scores = torch.cat([scores, torch.full((L, B, 1), math.nan)], 2)
+        if len(slots) >= n:
+            slots[n - 1] = bank.pending
+            frames[:, :, n - 1] = bank.pending_frame
+            scores[:, :, n - 1] = math.nan
+        else:
+            slots.append(bank.pending)
+            frames = torch.cat([frames, pend_frames], 2)
+            scores = torch.cat([scores, torch.full((L, B, 1), math.nan)], 2)
+        slots, kind, all_scores = tuple(slots), "insert", None
+    else:
+        all_scores = nam_scores(torch.zeros_like(text_k) if text_zeroed else text_k, bank.slots).cpu()
+        kept, kept_frames, kept_scores = compress(bank.slots, before, all_scores, bank_size - 1)
+        slots = kept + (bank.pending,)
+        frames = torch.cat([kept_frames, pend_frames], 2)
+        scores = torch.cat([kept_scores, torch.full((L, B, 1), math.nan)], 2)
+        kind = "compress"
+    event = MemoryEvent(chunk=chunk, kind=kind, new_frame=bank.pending_frame, frames_before=before,
+                        frames_after=frames, scores=all_scores, text_zeroed=kind == "compress" and text_zeroed)
+    records = _live_records(bank.records, frames, bank.pending_frame)
+    return dataclasses.replace(bank, slots=slots, frames=frames, scores=scores, records=records), event
+
+
+def _live_records(records, frames: torch.Tensor, pending_frame: int):
+    live = set(frames.unique().tolist()) | {pending_frame}
+    return tuple((f, x) for f, x in records if f in live)
 
 
 def nam_scores(text_k: torch.Tensor, slots: tuple[torch.Tensor, ...]) -> torch.Tensor:

@@ -2,8 +2,8 @@
 
 At small sizes the eager engine is bound by the CPU launching kernels (about 60 ms of launches per
 pass against 22 ms of GPU work at 576x320). A captured pass replays with static buffers:
-latents, timesteps, RoPE tables, the prompt's text K/V, and the attention workspace, whose
-context prefix `step` writes once per chunk. Only the two recurring shapes are captured: chunk 0
+latents, timesteps, RoPE tables, the prompt's text K/V, and the attention workspace buffer
+(memflow_nb.engine.context.Workspace), whose fixed frames `prepare` writes once per chunk. Only the two recurring shapes are captured: chunk 0
 (no context) and the steady state (sink + full bank + full window); other chunks run eagerly.
 The numbers are the eager numbers: replay runs the very kernels that were captured.
 """
@@ -14,7 +14,8 @@ from typing import Optional
 
 import torch
 
-from .model import rope_cos_sin
+from ..engine.context import PassAttention, Workspace
+from ..engine.model import rope_cos_sin
 
 
 @dataclass
@@ -28,60 +29,63 @@ class _Entry:
 
 
 class PassGraphs:
-    """Captured passes of one model, keyed by pass kind and shapes. Attach with `speed.optimize`."""
+    """Captured passes of one model, keyed by pass kind and shapes (held by `speed.FastModel`).
 
-    def __init__(self, model):
-        self.model = model
+    forward: the model's forward, e.g. the wrapper's (with compiled block pieces); backends: the
+    SDPA kernel order its attention uses.
+    """
+
+    def __init__(self, forward, backends=None):
+        self.forward, self.backends = forward, backends
         self.entries: dict[tuple, _Entry] = {}
         self.pool = None
-        self.ws: Optional[torch.Tensor] = None  # one workspace, sized for the largest context
+        self.buffer: Optional[torch.Tensor] = None  # one workspace buffer, sized for the largest context
         self.text_kv: Optional[torch.Tensor] = None
         self._text_src = None
 
-    def usable(self, ctx) -> bool:
-        """Graphs serve the fast-form contexts of chunk 0 and of the steady state."""
-        sc = ctx.state.stream
-        steady = len(ctx.sink) + len(ctx.bank) + (len(ctx.local) - sc.chunk_frames)
+    def usable(self, ws: Workspace) -> bool:
+        """Graphs serve the workspaces of chunk 0 and of the steady state: the pass's own frames
+        are the last chunk_frames key frames, after every cached one."""
+        sc = ws.state.stream
+        steady = ws.n_frames - sc.chunk_frames
         full = sc.sink_size + (sc.bank_size if sc.sink_size > 0 else 0) + sc.prev_frames
-        return ctx.ws is not None and ctx.state.device.type == "cuda" and steady in (0, full) \
-            and ctx.cur == (0, sc.chunk_frames * ctx.T)
+        return ws.state.device.type == "cuda" and steady in (0, full) \
+            and ws.runs == ((steady, 0, sc.chunk_frames),)
 
-    def prepare(self, ctx) -> None:
-        """Per chunk: write the context prefix into the shared workspace and the text K/V."""
-        st = ctx.state
+    def prepare(self, ws: Workspace) -> None:
+        """Per chunk: the workspace keeps its frames in the shared buffer; the text K/V are copied in."""
+        st = ws.state
         cfg = st.model_config
-        B, T = st.batch, ctx.T
+        B, T = st.batch, ws.T
         sc = st.stream
         cap = (sc.sink_size + sc.bank_size + sc.prev_frames + sc.chunk_frames) * T
         shape = (cfg.num_layers, 2, B, cap, cfg.num_heads, cfg.head_dim)
-        if self.ws is None or self.ws.shape != shape or self.ws.dtype != st.dtype:
+        if self.buffer is None or self.buffer.shape != shape or self.buffer.dtype != st.dtype:
             # Captured graphs point into the old buffers: drop them, and their memory pool with them
             # (a pool whose graphs are all gone must not be captured into again).
             self.entries.clear()
             self.pool = None
-            self.ws = None
+            self.buffer = None
             torch.cuda.empty_cache()
-            self.ws = torch.empty(shape, device=st.device, dtype=st.dtype)
+            self.buffer = torch.empty(shape, device=st.device, dtype=st.dtype)
             self.text_kv = torch.empty_like(st.text_kv)
             self._text_src = None
-        for i, frame_kv in enumerate(ctx.prefix):
-            self.ws[:, :, :, i * T:(i + 1) * T].copy_(frame_kv)
-        ctx.n_pre = len(ctx.prefix) * T
+        ws.use(self.buffer)
         if self._text_src is not st.text_kv:
             self.text_kv.copy_(st.text_kv)
             self._text_src = st.text_kv
 
-    def run(self, ctx, x: torch.Tensor, t: float, kind: str) -> torch.Tensor:
-        """One pass. kind "denoise" -> flow [B, f, C, h, w] (read it before the next run);
-        "clean" -> this pass's keys/values [L, 2, B, f*T, H, D] (a fresh tensor)."""
+    def run(self, ws: Workspace, x: torch.Tensor, t: float, kind: str) -> torch.Tensor:
+        """One pass over a prepared workspace. kind "denoise" -> flow [B, f, C, h, w] (read it
+        before the next run); "clean" -> this pass's keys/values [L, 2, B, f*T, H, D] (a fresh tensor)."""
         B, f, C, h, w = x.shape
-        key = (kind, x.shape, ctx.n_pre, x.dtype, ctx.sma, ctx.n_glob)
+        key = (kind, x.shape, ws.n_frames, ws.runs, x.dtype, ws.sma, ws.n_glob)
         e = self.entries.get(key)
-        cfg = self.model.cfg
+        cfg = ws.state.model_config
         _, ph, pw = cfg.patch_size
-        cos, sin = rope_cos_sin(cfg.head_dim, ctx.rope_start, f, h // ph, w // pw, x.device)
+        cos, sin = rope_cos_sin(cfg.head_dim, ws.rope_start, f, h // ph, w // pw, x.device)
         if e is None:
-            e = self._capture(ctx, x, kind, cos, sin)
+            e = self._capture(ws, x, kind, cos, sin)
             self.entries[key] = e
         e.x.copy_(x)
         e.t.fill_(t)
@@ -90,22 +94,17 @@ class PassGraphs:
         e.graph.replay()
         return e.out if kind == "denoise" else e.out.clone()
 
-    def _capture(self, ctx, x, kind, cos, sin) -> _Entry:
-        model, ws = self.model, self.ws
+    def _capture(self, ws: Workspace, x, kind, cos, sin) -> _Entry:
         sx, st = x.clone(), torch.zeros(x.shape[:2], device=x.device, dtype=torch.float32)
         scos, ssin = cos.clone(), sin.clone()
         rec: list = []
-
-        def attend(l, q, k, v, need_output):
-            if kind == "clean":
-                rec.append((k, v))
-            if not need_output:
-                return None
-            return ctx.attend_workspace(ws, l, q, k, v)
+        # No observers: a replay runs no Python, so `step` never replays while observers watch.
+        attend = PassAttention(ws, kind, -1, backends=self.backends, record=rec if kind == "clean" else None)
 
         def run():
             rec.clear()
-            out = model(sx, st, self.text_kv, ctx.rope_start, attend, need_output=kind != "clean", rope=(scos, ssin))
+            out = self.forward(sx, st, self.text_kv, ws.rope_start, attend, need_output=kind != "clean",
+                               rope=(scos, ssin))
             return torch.stack([torch.stack(kv) for kv in rec]) if kind == "clean" else out
 
         side = torch.cuda.Stream()

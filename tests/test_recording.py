@@ -2,12 +2,11 @@
 import pytest
 import torch
 
-import memflow_nb.model as model_mod
-import memflow_nb.stream as stream_mod
-from memflow_nb.config import StreamConfig
-from memflow_nb.inspect import bank_history, bank_slots, bank_thumbnails, bank_timeline, record_attention
-from memflow_nb.stream import step
-from test_engine import stream_states
+import memflow_nb.engine.context as context_mod
+from conftest import stream_states
+from memflow_nb.engine.config import StreamConfig
+from memflow_nb.engine.steps import step
+from memflow_nb.recording import bank_history, bank_slots, bank_thumbnails, bank_timeline, record_attention
 
 
 def run(model, n_chunks, stream=StreamConfig()):
@@ -16,18 +15,50 @@ def run(model, n_chunks, stream=StreamConfig()):
 
 def test_recording_changes_no_output_bit(tiny_model):
     states, plain = run(tiny_model, 6)
-    with record_attention() as rec:
+    with record_attention(tiny_model) as rec:
         _, recorded = run(tiny_model, 6)
     assert all(torch.equal(a, b) for a, b in zip(plain, recorded))
     assert rec.self_attention_summaries and rec.cross_attention_summaries
 
 
 def test_nothing_is_registered_when_off(tiny_model):
-    assert stream_mod.RECORDERS == [] and model_mod.CROSS_OBSERVERS == []
+    assert not tiny_model.observers
     with pytest.raises(RuntimeError):
-        with record_attention():
+        with record_attention(tiny_model):
             raise RuntimeError("a failing cell")
-    assert stream_mod.RECORDERS == [] and model_mod.CROSS_OBSERVERS == []
+    assert not tiny_model.observers
+
+
+def test_a_recording_sees_only_its_model_in_its_thread(tiny_model):
+    import threading
+
+    from conftest import make_tiny_model
+
+    other = make_tiny_model(seed=1)
+    other_states, _ = run(other, 2)
+    states, _ = run(tiny_model, 2)
+    with record_attention(tiny_model, cross=False) as rec:
+        step(other, other_states[2])  # another model, same thread
+        worker = threading.Thread(target=step, args=(tiny_model, states[2]))  # same model, another thread
+        worker.start()
+        worker.join()
+        assert rec.self_attention_summaries == [] and rec.memory_events == []
+        step(tiny_model, states[2])
+    assert {s.chunk for s in rec.self_attention_summaries} == {2} and len(rec.memory_events) == 1
+    assert not tiny_model.observers and not other.observers
+
+
+def test_observers_given_to_one_call(tiny_model):
+    from memflow_nb.recording import AttentionRecording
+
+    states, _ = run(tiny_model, 2)
+    rec = AttentionRecording(layers=None, kinds=("denoise", "clean"), steps=None, cross=True,
+                             block_bytes=1 << 20, max_bytes=1 << 24)
+    step(tiny_model, states[2], observers=[rec])
+    step(tiny_model, states[2])  # not given: not seen
+    kinds = [s.kind for s in rec.self_attention_summaries]
+    assert kinds.count("denoise") == 4 * tiny_model.cfg.num_layers and "clean" in kinds
+    assert len(rec.cross_attention_summaries) == 4 * tiny_model.cfg.num_layers + tiny_model.cfg.num_layers - 1
 
 
 def test_pooled_mass_equals_brute_force_softmax(tiny_model, monkeypatch):
@@ -35,16 +66,16 @@ def test_pooled_mass_equals_brute_force_softmax(tiny_model, monkeypatch):
     state = states[4]  # chunk 4: sink, two bank slots, rolled local window
     maps = []
 
-    def explicit_sdpa(q, k, v):
+    def explicit_sdpa(q, k, v, backends=None):
         # The slow way: the full probability map, kept, then the output from it.
         p = torch.softmax(torch.einsum("bqhd,bkhd->bhqk", q, k) / q.shape[-1] ** 0.5, dim=-1)
         maps.append(p)
         return torch.einsum("bhqk,bkhd->bqhd", p, v)
 
-    monkeypatch.setattr(stream_mod, "sdpa", explicit_sdpa)
+    monkeypatch.setattr(context_mod, "sdpa", explicit_sdpa)
     T = state.tokens_per_frame
     per_query_row = 2 * tiny_model.cfg.num_heads * 14 * T * 4  # fp32 logits + probs of 14 key frames
-    with record_attention(cross=False, block_bytes=3 * per_query_row) as rec:  # many blocks of 3 queries
+    with record_attention(tiny_model, cross=False, block_bytes=3 * per_query_row) as rec:  # many blocks of 3 queries
         step(tiny_model, state)
     rows = [s for s in rec.self_attention_summaries if s.kind == "denoise"]
     assert len(rows) == len(maps[:len(rows)]) and len(rows) == 4 * tiny_model.cfg.num_layers
@@ -65,7 +96,7 @@ def test_pooled_mass_equals_brute_force_softmax(tiny_model, monkeypatch):
 
 def test_cross_attention_mass_is_a_distribution_over_text_tokens(tiny_model):
     states, _ = run(tiny_model, 2)
-    with record_attention(layers=[1]) as rec:
+    with record_attention(tiny_model, layers=[1]) as rec:
         step(tiny_model, states[2])
     assert {s.layer for s in rec.cross_attention_summaries} == {1}
     m = rec.cross_attention_summaries[0].mass
@@ -75,7 +106,7 @@ def test_cross_attention_mass_is_a_distribution_over_text_tokens(tiny_model):
 
 def test_sma_recording_scatters_selected_frames(tiny_model):
     states, _ = run(tiny_model, 8, StreamConfig(sma=True))
-    with record_attention(cross=False) as rec:
+    with record_attention(tiny_model, cross=False) as rec:
         step(tiny_model, states[8])
     s = rec.self_attention_summaries[0]
     glob = [i for i, (g, _, _) in enumerate(s.key_frames) if g in ("sink", "bank")]
@@ -86,7 +117,7 @@ def test_sma_recording_scatters_selected_frames(tiny_model):
 
 
 def test_recorded_bank_refreshes_follow_the_record_schedule(tiny_model):
-    with record_attention(layers=[], cross=False) as rec:
+    with record_attention(tiny_model, layers=[], cross=False) as rec:
         states, _ = run(tiny_model, 14)  # chunk 12 records frame 36; chunk 13 takes it in
     events = rec.memory_events
     assert [(e.chunk, e.new_frame, e.kind) for e in events][:4] == [
@@ -100,17 +131,17 @@ def test_recorded_bank_refreshes_follow_the_record_schedule(tiny_model):
 def test_budget_caps_what_is_kept(tiny_model):
     states, _ = run(tiny_model, 3)
     with pytest.warns(UserWarning, match="budget"):
-        with record_attention(max_bytes=2000) as rec:
+        with record_attention(tiny_model, max_bytes=2000) as rec:
             step(tiny_model, states[3])
     assert rec.truncated and 0 < rec.nbytes() <= 2000
-    with record_attention(block_bytes=1 << 20) as big:
+    with record_attention(tiny_model, block_bytes=1 << 20) as big:
         step(tiny_model, states[3])
     assert not big.truncated and big.peak_block_bytes <= 1 << 20
 
 
 def test_layer_by_key_frame_view(tiny_model):
     states, _ = run(tiny_model, 5)
-    with record_attention() as rec:
+    with record_attention(tiny_model) as rec:
         step(tiny_model, states[5])
     mass, labels = rec.layer_by_key_frame(chunk=5)
     assert mass.shape == (tiny_model.cfg.num_layers, tiny_model.cfg.num_heads, len(labels))
@@ -144,7 +175,7 @@ def test_plots_render(tiny_model, tmp_path):
     from memflow_nb.plots import plot_attention_mass, plot_bank_timeline, plot_retrieval_scores
 
     states, _ = run(tiny_model, 13)
-    with record_attention() as rec:
+    with record_attention(tiny_model) as rec:
         s, _ = step(tiny_model, states[-1])
     log = s.memory_log
     figs = {

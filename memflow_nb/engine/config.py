@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Mapping
 
 
 @dataclass(frozen=True)
@@ -42,10 +44,7 @@ class ModelConfig:
     @classmethod
     def from_name(cls, name: str) -> "ModelConfig":
         """A named preset: 'wan2.1-t2v-1.3b' (MemFlow's backbone) or 'tiny' (random-weight CPU model)."""
-        try:
-            return MODEL_PRESETS[name]
-        except KeyError:
-            raise ValueError(f"unknown model preset {name!r}; known: {sorted(MODEL_PRESETS)}") from None
+        return preset(MODEL_PRESETS, name, "model")
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
@@ -57,11 +56,11 @@ class ModelConfig:
         return cls(**kw)
 
 
-MODEL_PRESETS = {
+MODEL_PRESETS = MappingProxyType({
     "wan2.1-t2v-1.3b": ModelConfig(),
     # A model small enough to stream on a laptop CPU in seconds; its output is noise, not pictures.
     "tiny": ModelConfig(dim=64, ffn_dim=128, num_heads=4, num_layers=2, text_dim=32, freq_dim=32),
-}
+})
 
 
 @dataclass(frozen=True)
@@ -107,6 +106,13 @@ class StreamConfig:
 
     def replace(self, **changes) -> "StreamConfig":
         return dataclasses.replace(self, **changes)
+
+
+def preset(presets: Mapping, name: str, kind: str):
+    """presets[name], or a ValueError that lists the known `kind` presets."""
+    if name not in presets:
+        raise ValueError(f"unknown {kind} preset {name!r}; known: {sorted(presets)}")
+    return presets[name]
 
 
 def latent_size(height: int, width: int, vae_stride: int = 8, patch: tuple[int, int] = (2, 2)) -> tuple[int, int]:

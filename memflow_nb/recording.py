@@ -1,11 +1,14 @@
 """Looking inside: where attention goes, and what the memory bank holds.
 
-`record_attention()` is a context manager. While it is open, each self-attention of the engine
-reports its queries and keys; we recompute the softmax in blocks of queries (under a byte budget)
-and keep only a pooled summary: for each layer, head and query frame, the attention mass on each
-key frame, labelled sink / bank slot / local / current. Cross-attention mass per text token is
-pooled the same way, and every memory-bank refresh (NAM scores) is logged. The engine's outputs
-are untouched: recording only reads q and k. With no recording open nothing is registered.
+`record_attention(model)` is a context manager. While it is open, each self-attention of that
+model, stepped in this thread, reports its queries and keys; we recompute the softmax in blocks of
+queries (under a byte budget) and keep only a pooled summary: for each layer, head and query
+frame, the attention mass on each key frame, labelled sink / bank slot / local / current.
+Cross-attention mass per text token is pooled the same way, and every memory-bank refresh (NAM
+scores) is logged. The engine's outputs are untouched: recording only reads q and k. Other models,
+and other threads stepping the same model, are never recorded. An `AttentionRecording` is an
+observer (memflow_nb.engine.observers), so it can also be passed to one call:
+`step(model, state, observers=[rec])`.
 
 Bank views work on a State: its memory log says which frame sits in which slot, since when, with
 which retrieval scores; its kept clean latents can be decoded to thumbnails.
@@ -21,9 +24,8 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 import torch
 
-from . import model as _model
-from . import stream as _stream
-from .memory import MemoryEvent
+from .engine.memory import MemoryEvent
+from .engine.observers import ObserverBindings, PassInfo
 
 MiB = 1 << 20
 
@@ -83,7 +85,6 @@ class AttentionRecording:
         self.truncated = False  # True once the byte budget stopped the recording
         self.peak_block_bytes = 0  # largest transient block the recomputation used
         self._nbytes = 0
-        self._pass: Optional[_stream.PassInfo] = None
 
     # -- what users read ---------------------------------------------------------------------
     def nbytes(self) -> int:
@@ -124,9 +125,9 @@ class AttentionRecording:
         self._nbytes += nbytes
         return True
 
-    def self_attention(self, info, layer: int, q: torch.Tensor, k: torch.Tensor, sma_frames=None) -> None:
+    def self_attention(self, info: PassInfo, layer: int, q: torch.Tensor, k: torch.Tensor,
+                       sma_frames=None) -> None:
         """q [B, Lq, H, D]; k [B, H, Lk, D] as attended (with SMA: the selected global frames first)."""
-        self._pass = info
         if not self._wanted(info, layer):
             return
         T = info.tokens_per_frame
@@ -152,10 +153,9 @@ class AttentionRecording:
             self.self_attention_summaries.append(SelfAttentionSummary(
                 info.chunk, info.kind, info.step, layer, tuple(range(p0, p1)), tuple(labels), mass))
 
-    def cross_attention(self, layer: int, q: torch.Tensor, k: torch.Tensor) -> None:
+    def cross_attention(self, info: PassInfo, layer: int, q: torch.Tensor, k: torch.Tensor) -> None:
         """q [B, Lq, H, D]; k text keys [B, Ltxt, H, D]."""
-        info = self._pass
-        if not self.cross or info is None or not self._wanted(info, layer):
+        if not self.cross or not self._wanted(info, layer):
             return
         pooled = self._pooled(q, k.transpose(1, 2), info.tokens_per_frame, k.shape[1], key_group=1).cpu()
         if self._keep(pooled.numel() * pooled.element_size()):
@@ -194,12 +194,14 @@ class AttentionRecording:
 
 
 @contextmanager
-def record_attention(*, layers: Optional[Sequence[int]] = None, kinds: Sequence[str] = ("denoise",),
+def record_attention(model, *, layers: Optional[Sequence[int]] = None, kinds: Sequence[str] = ("denoise",),
                      steps: Optional[Sequence[int]] = None, cross: bool = True,
                      block_bytes: int = 64 * MiB, max_bytes: int = 256 * MiB) -> Iterator[AttentionRecording]:
-    """Record pooled attention while the block runs.
+    """Record pooled attention of `model` while the block runs (only this thread's steps of it).
 
     Args:
+        model: the CausalWanModel (or its fast wrapper) whose passes to record; a wrapper and the
+            model it wraps share their recordings.
         layers: layer indices to record (default all).
         kinds: pass kinds: "denoise" (the denoising steps), "clean" (cache-writing pass), "recache".
         steps: denoising step indices to record (default all).
@@ -208,7 +210,7 @@ def record_attention(*, layers: Optional[Sequence[int]] = None, kinds: Sequence[
         max_bytes: cap on the kept summaries; past it recording stops with a warning (`truncated`).
 
     Example:
-        with record_attention(layers=[0, 29]) as rec:
+        with record_attention(model, layers=[0, 29]) as rec:
             state, x0 = step(model, state)
         mass, labels = rec.layer_by_key_frame(chunk=state.chunk_index - 1)
     """
@@ -217,14 +219,13 @@ def record_attention(*, layers: Optional[Sequence[int]] = None, kinds: Sequence[
         raise ValueError(f"unknown pass kinds {sorted(bad)}; use denoise, clean, recache")
     if block_bytes <= 0 or max_bytes <= 0:
         raise ValueError("block_bytes and max_bytes must be positive")
+    bindings = getattr(model, "observers", None)
+    if not isinstance(bindings, ObserverBindings):
+        raise TypeError(f"record_attention(model, ...) takes the CausalWanModel to record (e.g. pipe.model), "
+                        f"got {type(model).__name__}")
     rec = AttentionRecording(layers, kinds, steps, cross, block_bytes, max_bytes)
-    _stream.RECORDERS.append(rec)
-    _model.CROSS_OBSERVERS.append(rec)
-    try:
+    with bindings.bound(rec):
         yield rec
-    finally:
-        _stream.RECORDERS.remove(rec)
-        _model.CROSS_OBSERVERS.remove(rec)
 
 
 # -- memory-bank views --------------------------------------------------------------------------

@@ -1,27 +1,52 @@
 """The causal Wan2.1 DiT with Wan2.1 parameter names.
 
 The module only does the math of one forward pass over a chunk of latent frames. Everything
-about the streaming context (KV cache, sink, memory bank) lives in `stream.py`: self-attention
-calls back into an `attend(layer, q, k, v)` function that the caller provides, so the model has
-no hidden state and the same weights serve the fast path, the reference path and inspection.
+about the streaming context (KV cache, sink, memory bank) lives in `context.py` and `steps.py`:
+attention calls back into an `Attention` object that the caller provides, so the model has no
+hidden state and the same weights serve the engine, the test oracles, inspection and the
+compiled wrapper of `memflow_nb.fast` (which passes its compiled block pieces to `forward`).
 """
 from __future__ import annotations
 
 import math
 import uuid
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ModelConfig
+from einops import rearrange
 
-# Cross-attention observers (memflow_nb.inspect); empty unless a recording is active.
-CROSS_OBSERVERS: list = []
+from .config import ModelConfig
+from .observers import ObserverBindings
 
 # attend(layer, q, k, v, need_output) -> out [B, L, H, D] or None; q, k are already rotated.
 AttendFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, bool], Optional[torch.Tensor]]
+
+
+class Attention:
+    """The model's one seam: self-attention over the streaming context and cross-attention to the text.
+
+    Subclasses implement `__call__` (an `AttendFn`); `cross` defaults to plain softmax attention
+    with the SDPA kernel order `backends` (None: PyTorch's choice). A bare `AttendFn` function is
+    accepted too (its cross-attention is the plain one).
+    """
+
+    backends = None
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 need_output: bool) -> Optional[torch.Tensor]:
+        raise NotImplementedError
+
+    def cross(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q [B, Lq, H, D] against the text keys/values k, v [B, Ltxt, H, D] -> [B, Lq, H, D]."""
+        return sdpa(q, k, v, self.backends)
+
+
+# One block's three pieces around its two attention calls: qkv -> self-attention -> self_out ->
+# cross-attention -> finish. `memflow_nb.fast` compiles them; attention stays between them.
+BlockPieces = tuple[Callable, Callable, Callable]
 
 
 class RMSNorm(nn.Module):
@@ -63,49 +88,52 @@ class Block(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(cfg.dim, cfg.ffn_dim), nn.GELU(approximate="tanh"),
                                  nn.Linear(cfg.ffn_dim, cfg.dim))
         self.modulation = nn.Parameter(torch.zeros(1, 6, cfg.dim))
-        self.compiled = None  # (qkv, finish) compiled by `compile_model`
-        self.layer_index = -1
 
     def qkv(self, x, e0, rope):
         """Modulated norm and rotated q, k, v: x [B, f, T, dim] -> q, k, v [B, f*T, H, D]."""
         cfg = self.cfg
-        B, f, T, _ = x.shape
-        H, D = cfg.num_heads, cfg.head_dim
+        H = cfg.num_heads
         # Per-frame adaLN: each latent frame has its own timestep embedding.
         shift1, scale1 = (self.modulation[:, :2].unsqueeze(1) + e0[:, :, :2]).chunk(2, dim=2)
         h = layer_norm(x, cfg.eps) * (1 + scale1) + shift1
         sa = self.self_attn
-        q = apply_rope(sa.norm_q(sa.q(h)).view(B, f * T, H, D), rope)
-        k = apply_rope(sa.norm_k(sa.k(h)).view(B, f * T, H, D), rope)
-        return q, k, sa.v(h).view(B, f * T, H, D)
+        q = apply_rope(split_heads(sa.norm_q(sa.q(h)), H), rope)
+        k = apply_rope(split_heads(sa.norm_k(sa.k(h)), H), rope)
+        return q, k, split_heads(sa.v(h), H)
 
-    def finish(self, x, y, e0, text_k, text_v):
-        """The rest of the block after self-attention output y [B, f*T, H, D]."""
-        cfg = self.cfg
-        B, f, T, _ = x.shape
-        H, D = cfg.num_heads, cfg.head_dim
-        gate1, shift2, scale2, gate2 = (self.modulation[:, 2:].unsqueeze(1) + e0[:, :, 2:]).chunk(4, dim=2)
-        x = x + self.self_attn.o(y.reshape(B, f, T, cfg.dim)) * gate1
+    def self_out(self, x, y, e0):
+        """After self-attention output y [B, f*T, H, D]: (x [B, f, T, dim], cross queries [B, f*T, H, D])."""
+        f = x.shape[1]
+        gate1 = self.modulation[:, 2:3].unsqueeze(1) + e0[:, :, 2:3]
+        x = x + self.self_attn.o(merge_heads(y, f)) * gate1
         # Cross-attention: no gate, no modulation; text K/V come precomputed (once per prompt).
         ca = self.cross_attn
-        cq = ca.norm_q(ca.q(self.norm3(x))).view(B, f * T, H, D)
-        for ob in tuple(CROSS_OBSERVERS):
-            ob.cross_attention(self.layer_index, cq, text_k)
-        c = sdpa(cq, text_k, text_v)
-        x = x + ca.o(c.reshape(B, f, T, cfg.dim))
-        return x + self.ffn(layer_norm(x, cfg.eps) * (1 + scale2) + shift2) * gate2
+        return x, split_heads(ca.norm_q(ca.q(self.norm3(x))), self.cfg.num_heads)
 
-    def forward(self, x, e0, rope, text_k, text_v, attend: AttendFn, layer: int, need_output: bool = True):
-        """x [B, f, T, dim] (T tokens per frame), e0 [B, f, 6, dim], text_k/v [B, Ltxt, H, D]."""
-        self.layer_index = layer
-        qkv, finish = (self.qkv, self.finish) if self.compiled is None else self.compiled
-        if CROSS_OBSERVERS:  # inspection runs eager, so observers always see every call
-            finish = self.finish
+    def finish(self, x, c, e0):
+        """After cross-attention output c [B, f*T, H, D]: the FFN; returns x [B, f, T, dim]."""
+        shift2, scale2, gate2 = (self.modulation[:, 3:].unsqueeze(1) + e0[:, :, 3:]).chunk(3, dim=2)
+        x = x + self.cross_attn.o(merge_heads(c, x.shape[1]))
+        return x + self.ffn(layer_norm(x, self.cfg.eps) * (1 + scale2) + shift2) * gate2
+
+    def pieces(self) -> BlockPieces:
+        return self.qkv, self.self_out, self.finish
+
+    def forward(self, x, e0, rope, text_k, text_v, attend, layer: int, need_output: bool = True,
+                pieces: Optional[BlockPieces] = None):
+        """x [B, f, T, dim] (T tokens per frame), e0 [B, f, 6, dim], text_k/v [B, Ltxt, H, D].
+
+        attend: an `Attention` (or a bare `AttendFn`); pieces: this block's (qkv, self_out, finish),
+        e.g. compiled ones, in place of its own methods.
+        """
+        qkv, self_out, finish = pieces or self.pieces()
         q, k, v = qkv(x, e0, rope)
         y = attend(layer, q, k, v, need_output)
         if not need_output:
             return None
-        return finish(x, y, e0, text_k, text_v)
+        x, cq = self_out(x, y, e0)
+        cross = attend.cross if isinstance(attend, Attention) else _plain_cross
+        return finish(x, cross(layer, cq, text_k, text_v), e0)
 
 
 class Head(nn.Module):
@@ -122,13 +150,21 @@ class Head(nn.Module):
 
 
 class CausalWanModel(nn.Module):
-    """Causal Wan2.1 text-to-video DiT. `state_dict()` uses the Wan2.1 names."""
+    """Causal Wan2.1 text-to-video DiT. `state_dict()` uses the Wan2.1 names.
+
+    The plain model runs eagerly with PyTorch's attention kernel choice; `memflow_nb.fast` wraps
+    it with compiled pieces, CUDA graphs and a kernel order (the two declared policies below).
+    """
+
+    attention_backends = None  # SDPA kernel order for the engine's attention (None: PyTorch's choice)
+    graphs = None  # CUDA-graph pass runner (memflow_nb.fast.graphs); none for the plain model
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
         # A per-instance id lets the stream refuse states made with another model.
         self.instance_id = uuid.uuid4().hex
+        self.observers = ObserverBindings()  # observers bound to this model, per thread (observers.py)
         d = cfg.dim
         self.patch_embedding = nn.Conv3d(cfg.in_dim, d, kernel_size=cfg.patch_size, stride=cfg.patch_size)
         self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, d), nn.GELU(approximate="tanh"), nn.Linear(d, d))
@@ -157,11 +193,11 @@ class CausalWanModel(nn.Module):
         if L < cfg.text_len:
             ctx = torch.cat([ctx, ctx.new_zeros(B, cfg.text_len - L, cfg.text_dim)], dim=1)
         ctx = self.text_embedding(ctx)
-        H, D = cfg.num_heads, cfg.head_dim
+        H = cfg.num_heads
         out = []
         for blk in self.blocks:
             ca = blk.cross_attn
-            out.append(torch.stack([ca.norm_k(ca.k(ctx)).view(B, -1, H, D), ca.v(ctx).view(B, -1, H, D)]))
+            out.append(torch.stack([split_heads(ca.norm_k(ca.k(ctx)), H), split_heads(ca.v(ctx), H)]))
         return torch.stack(out)
 
     def time_embed(self, t: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -173,20 +209,19 @@ class CausalWanModel(nn.Module):
 
     def patchify(self, x: torch.Tensor) -> torch.Tensor:
         """Latents [B, f, C, h, w] -> tokens [B, f, T, dim] in (row, col) raster order."""
-        y = self.patch_embedding(x.transpose(1, 2))  # [B, dim, f, gh, gw]
-        return y.flatten(3).permute(0, 2, 3, 1)
+        y = self.patch_embedding(x.transpose(1, 2))
+        return rearrange(y, "b dim f gh gw -> b f (gh gw) dim")
 
     def unpatchify(self, y: torch.Tensor, gh: int, gw: int) -> torch.Tensor:
         """Head output [B, f, T, prod(patch) * out] -> [B, f * pt, out, gh * ph, gw * pw]."""
         pt, ph, pw = self.cfg.patch_size
-        B, f = y.shape[:2]
-        y = y.view(B, f, gh, gw, pt, ph, pw, self.cfg.out_dim)
-        y = y.permute(0, 1, 4, 7, 2, 5, 3, 6)  # B f pt c gh ph gw pw
-        return y.reshape(B, f * pt, self.cfg.out_dim, gh * ph, gw * pw)
+        return rearrange(y, "b f (gh gw) (pt ph pw c) -> b (f pt) c (gh ph) (gw pw)", gh=gh, gw=gw, pt=pt, ph=ph,
+                         pw=pw)
 
     # -- forward ------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, t: torch.Tensor, text_kv: torch.Tensor, frame_start: int,
-                attend: AttendFn, need_output: bool = True, rope=None) -> Optional[torch.Tensor]:
+                attend, need_output: bool = True, rope=None,
+                pieces: Optional[Sequence[BlockPieces]] = None) -> Optional[torch.Tensor]:
         """One pass over a chunk.
 
         Args:
@@ -194,10 +229,12 @@ class CausalWanModel(nn.Module):
             t: timesteps [B, f] (float; one per latent frame).
             text_kv: [num_layers, 2, B, text_len, H, D] from `text_kv`.
             frame_start: absolute stream index of x's first latent frame (temporal RoPE position).
-            attend: self-attention over the streaming context, see `AttendFn`.
+            attend: an `Attention` (self-attention over the streaming context, cross-attention to
+                the text), or a bare `AttendFn` for self-attention only.
             need_output: False for the clean pass that only writes the cache: the last layer stops
                 after its keys/values and the head is skipped (returns None).
             rope: precomputed (cos, sin) from `rope_cos_sin` (CUDA-graph replays pass static ones).
+            pieces: per block, (qkv, self_out, finish) to run in place of the block's own methods.
         Returns:
             the flow prediction (noise - x0) [B, f, C_out, h, w], or None.
         """
@@ -217,47 +254,43 @@ class CausalWanModel(nn.Module):
         last = cfg.num_layers - 1
         for i, blk in enumerate(self.blocks):
             tokens = blk(tokens, e0, rope, text_kv[i, 0], text_kv[i, 1], attend, i,
-                         need_output or i < last)
+                         need_output or i < last, pieces[i] if pieces is not None else None)
         if not need_output:
             return None
         return self.unpatchify(self.head(tokens, e), gh, gw)
 
 
-def compile_model(model: CausalWanModel, **compile_kwargs) -> CausalWanModel:
-    """Compile each block's two halves (before and after self-attention) with torch.compile.
-
-    Attention itself stays eager between them, since its context comes from the stream. The same
-    module object is returned; `uncompile_model` undoes it. Numbers match eager up to the usual
-    floating-point reassociation of fused kernels.
-    """
-    kw = dict(dynamic=False)
-    kw.update(compile_kwargs)
-    for blk in model.blocks:
-        blk.compiled = (torch.compile(blk.qkv, **kw), torch.compile(blk.finish, **kw))
-    return model
-
-
-def uncompile_model(model: CausalWanModel) -> CausalWanModel:
-    for blk in model.blocks:
-        blk.compiled = None
-    return model
-
-
 # -- functional helpers -------------------------------------------------------------------------
 
-# SDPA kernels to try first (e.g. cuDNN on Hopper), set by memflow_nb.speed; None: PyTorch's choice.
-SDPA_BACKENDS = None
+def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """[B, f, T, H * D] or [B, L, H * D] -> [B, f * T, H, D] / [B, L, H, D]."""
+    if x.dim() == 4:
+        return rearrange(x, "b f t (h d) -> b (f t) h d", h=heads)
+    return rearrange(x, "b l (h d) -> b l h d", h=heads)
 
 
-def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Plain softmax attention, scale 1/sqrt(D). q [B, Lq, H, D], k/v [B, Lk, H, D] -> [B, Lq, H, D]."""
+def merge_heads(y: torch.Tensor, frames: int) -> torch.Tensor:
+    """[B, f * T, H, D] -> [B, f, T, H * D]."""
+    return rearrange(y, "b (f t) h d -> b f t (h d)", f=frames)
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backends=None) -> torch.Tensor:
+    """Plain softmax attention, scale 1/sqrt(D). q [B, Lq, H, D], k/v [B, Lk, H, D] -> [B, Lq, H, D].
+
+    backends: SDPA kernels to try first, in order (a list of `torch.nn.attention.SDPBackend`,
+    CUDA only); None leaves the choice to PyTorch.
+    """
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    if SDPA_BACKENDS is None or not q.is_cuda:
+    if backends is None or not q.is_cuda:
         return F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
     from torch.nn.attention import sdpa_kernel
 
-    with sdpa_kernel(SDPA_BACKENDS, set_priority=True):
+    with sdpa_kernel(backends, set_priority=True):
         return F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+
+
+def _plain_cross(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return sdpa(q, k, v)
 
 
 def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:

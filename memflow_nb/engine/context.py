@@ -1,0 +1,154 @@
+"""The self-attention context of a chunk: which key frames a pass sees, kept in one workspace.
+
+A pass over frames [p0, p1) attends to
+    [sink frames 0..sink-1 | visible bank slots | local frames max(sink, p1-(local-sink)) .. p1-1]
+where a frame comes from this pass if the pass covers it (sink frames only when the pass is not
+a re-cache of already cached frames), otherwise from the cache, and unwritten sink frames are
+zeros (see `layout`).
+
+A `Workspace` holds those key frames for all layers in one buffer [L, 2, B, n_frames * T, H, D]:
+the cached and zero frames are written once per chunk, and each pass writes only its own frames'
+keys/values before attending. A chunk's denoising passes and its clean pass share one workspace
+(same frames, same bank). `memflow_nb.fast.graphs` replays passes over a workspace whose buffer
+it owns. The tests keep the slower path that concatenates the pieces on every pass as an oracle.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from . import memory as mem
+from .model import Attention, sdpa
+from .observers import Observer, PassInfo
+from .state import State
+
+# One key frame: ("cache", kv [L, 2, B, T, H, D]) | ("cur", frame offset in the pass) | ("zero", None).
+Piece = tuple[str, object]
+
+
+def layout(state: State, p0: int, p1: int, recompute: bool) -> tuple[list[Piece], list[Piece], list[Piece]]:
+    """Key frames of a pass over frames [p0, p1): (sink, bank, local), one `Piece` per frame."""
+    sc = state.stream
+    cached = dict(state.cache)
+
+    def frame(f, allow_cur):
+        if allow_cur and p0 <= f < p1:
+            return ("cur", f - p0)
+        if f in cached:
+            return ("cache", cached[f])
+        return ("zero", None)
+
+    sink = [frame(f, not recompute) for f in range(sc.sink_size)]
+    lo = max(sc.sink_size, p1 - (sc.local_attn_size - sc.sink_size))
+    local = [frame(f, True) for f in range(lo, p1)]
+    bank = []
+    if sc.sink_size > 0 and sc.bank_size > 0:  # the official sink-less path never reads the bank
+        visible = min(state.n_records, sc.bank_size)
+        bank = [("cache", state.bank[j]) if j < len(state.bank) else ("zero", None) for j in range(visible)]
+    return sink, bank, local
+
+
+class Workspace:
+    """The key frames of the passes over frames [p0, p1) of one chunk, and the buffer that holds them.
+
+    Attributes: `rope_start` (RoPE position of frame p0), `n_frames` key frames of `T` tokens,
+    `runs` ((workspace frame, pass frame, count), ...) where each pass writes its own keys,
+    `n_glob` leading frames (sink and bank) that SMA chooses from when `sma`.
+    """
+
+    def __init__(self, state: State, p0: int, p1: int, recompute: bool):
+        self.state, self.p0, self.p1 = state, p0, p1
+        self.rope_start = p0 - state.pos_offset
+        self.T = state.tokens_per_frame
+        self.sink, self.bank, self.local = layout(state, p0, p1, recompute)
+        pieces = self.sink + self.bank + self.local
+        self.n_frames = len(pieces)
+        self.n_glob = len(self.sink) + len(self.bank)
+        self.sma = state.stream.sma and state.stream.sink_size > 0 and self.n_glob > 0
+        self.fixed = tuple((i, val) for i, (kind, val) in enumerate(pieces) if kind != "cur")
+        runs: list[list[int]] = []
+        for i, (kind, j) in enumerate(pieces):
+            if kind != "cur":
+                continue
+            if runs and runs[-1][0] + runs[-1][2] == i and runs[-1][1] + runs[-1][2] == j:
+                runs[-1][2] += 1
+            else:
+                runs.append([i, j, 1])
+        self.runs = tuple(tuple(r) for r in runs)
+        self.buffer: Optional[torch.Tensor] = None
+
+    def labels(self) -> tuple:
+        """Per key frame (group, frame, slot): group sink / bank / local / current (see PassInfo)."""
+        sc = self.state.stream
+        lo = max(sc.sink_size, self.p1 - (sc.local_attn_size - sc.sink_size))
+        return tuple([("sink", f, -1) for f in range(len(self.sink))] + [("bank", -1, j) for j in range(len(self.bank))]
+                     + [("current" if self.p0 <= f < self.p1 else "local", f, -1) for f in range(lo, self.p1)])
+
+    def use(self, buffer: torch.Tensor) -> None:
+        """Keep the key frames in `buffer` [L, 2, B, >= n_frames * T, H, D]; writes the fixed frames."""
+        T = self.T
+        for i, frame_kv in self.fixed:
+            if frame_kv is None:
+                buffer[:, :, :, i * T:(i + 1) * T].zero_()
+            else:
+                buffer[:, :, :, i * T:(i + 1) * T].copy_(frame_kv)
+        self.buffer = buffer
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backends=None,
+               observers: Sequence[Observer] = (), info: Optional[PassInfo] = None) -> torch.Tensor:
+        """Self-attention of this pass's q [B, Lq, H, D] (its keys/values k, v) over the key frames."""
+        T = self.T
+        if self.buffer is None:  # first use: now dtype and device are known
+            L = self.state.model_config.num_layers
+            B, _, H, D = k.shape
+            self.use(k.new_empty(L, 2, B, self.n_frames * T, H, D))
+        ws = self.buffer
+        for dst, src, n in self.runs:
+            ws[layer, 0, :, dst * T:(dst + n) * T] = k[:, src * T:(src + n) * T]
+            ws[layer, 1, :, dst * T:(dst + n) * T] = v[:, src * T:(src + n) * T]
+        end = self.n_frames * T
+        keys, values = ws[layer, 0, :, :end], ws[layer, 1, :, :end]
+        return attend_keys(self, layer, q, keys, values, backends, observers, info)
+
+
+def attend_keys(ws: Workspace, layer: int, q, keys, values, backends, observers, info) -> torch.Tensor:
+    """Attention of q over all key frames keys/values [B, n_frames * T, H, D] (SMA applied here)."""
+    if ws.sma:
+        g = ws.n_glob * ws.T
+        kg, vg, sel = mem.sma_select(q, keys[:, :g], values[:, :g], ws.T, ws.state.stream.sma_top_k)
+        kg = torch.cat([kg, keys[:, g:].transpose(1, 2)], dim=2)
+        vg = torch.cat([vg, values[:, g:].transpose(1, 2)], dim=2)
+        for ob in observers:
+            ob.self_attention(info, layer, q, kg, sma_frames=sel)
+        return sdpa(q, kg.transpose(1, 2), vg.transpose(1, 2), backends)
+    for ob in observers:
+        ob.self_attention(info, layer, q, keys.transpose(1, 2))
+    return sdpa(q, keys, values, backends)
+
+
+class PassAttention(Attention):
+    """The attention of one pass: self-attention over a workspace, cross-attention to the text.
+
+    Observers see both; `record`, when given, collects each layer's (k, v) of this pass.
+    """
+
+    def __init__(self, workspace: Workspace, kind: str, step: int, *, observers: Sequence[Observer] = (),
+                 backends=None, record: Optional[list] = None):
+        self.ws, self.backends, self.record = workspace, backends, record
+        self.observers = tuple(observers)
+        st = workspace.state
+        self.info = PassInfo(st.chunk_index, kind, step, (workspace.p0, workspace.p1), workspace.labels(),
+                             st.bank_frames, workspace.T) if self.observers else None
+
+    def __call__(self, layer, q, k, v, need_output):
+        if self.record is not None:
+            self.record.append((k, v))
+        if not need_output:
+            return None
+        return self.ws.attend(layer, q, k, v, self.backends, self.observers, self.info)
+
+    def cross(self, layer, q, k, v):
+        for ob in self.observers:
+            ob.cross_attention(self.info, layer, q, k)
+        return super().cross(layer, q, k, v)
