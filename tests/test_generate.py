@@ -11,7 +11,7 @@ import memflow_nb.generation as gen_mod
 from memflow_nb.cli import main as cli_main
 from memflow_nb.generation import Checkpoints, generate, generate_video, resume
 from memflow_nb.hub import load
-from memflow_nb.timeline import Timeline
+from memflow_nb.timeline.model import Timeline
 from memflow_nb.video import read_video, write_video
 
 A = "a red fox trotting through fresh snow in a pine forest at dawn, soft light, slow tracking shot"

@@ -16,7 +16,7 @@ from memflow_nb.config import StreamConfig
 from memflow_nb.generation import generate
 from memflow_nb.hub import load
 from memflow_nb.stream import init_state, set_prompt, step
-from memflow_nb.timeline import Timeline
+from memflow_nb.timeline.model import Timeline
 from test_engine import tiny_prompt
 
 

@@ -13,10 +13,11 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from memflow_nb.conditioning import (Blend, Transition, blend_prompts, chunk_embeddings, conditioning_plan, slerp,
-                                     transition_schedule, unique_texts)
-from memflow_nb.timeline import (Segment, Timeline, TimelineError, WeightedPrompt, chunk_of_time, chunk_video_frames,
-                                 from_official_jsonl, official_switch_chunks, time_of_chunk, to_official_jsonl)
+from memflow_nb.timeline.clock import chunk_of_time, chunk_video_frames, time_of_chunk
+from memflow_nb.timeline.conditioning import (Blend, Transition, blend_prompts, chunk_embeddings, conditioning_plan,
+                                              slerp, transition_schedule, unique_texts)
+from memflow_nb.timeline.model import Segment, Timeline, TimelineError, WeightedPrompt
+from memflow_nb.timeline.official import from_official_jsonl, official_switch_chunks, to_official_jsonl
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 DEFAULT_SWITCHES = [40, 80, 120, 160, 200]  # MemFlow's interactive_inference.yaml

@@ -232,7 +232,7 @@ def test_max_chunks_makes_a_short_preview(editor):
 
 
 def test_an_unexpected_error_is_one_line_plus_a_traceback_in_the_log(pipe, editor, monkeypatch):
-    import memflow_nb.widgets as widgets_mod
+    import memflow_nb.generation as widgets_mod  # the editor's session generates through it
 
     def broken(*a, **k):
         raise RuntimeError("the GPU caught fire")

@@ -5,8 +5,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .inspect import AttentionRecording, bank_timeline
-from .memory import MemoryEvent
+from ..inspect import AttentionRecording, bank_timeline
+from ..memory import MemoryEvent
 
 
 def _plt():
