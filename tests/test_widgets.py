@@ -22,11 +22,6 @@ N_FRAMES = 9 + 12 * 4
 ROOT = Path(__file__).parent.parent
 
 
-@pytest.fixture(scope="module")
-def pipe():
-    return mf.load("tiny")
-
-
 @pytest.fixture
 def editor(pipe):
     ed = mf.TimelineEditor(pipe, height=32, width=48, seed=3)
