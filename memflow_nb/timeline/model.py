@@ -111,7 +111,7 @@ _depth = threading.local()  # how many model validations are in progress on this
 
 
 @contextmanager
-def _as_timeline_error(rename: Callable[[tuple], tuple] = lambda loc: loc) -> Iterator[None]:
+def as_timeline_error(rename: Callable[[tuple], tuple] = lambda loc: loc) -> Iterator[None]:
     """Turn a ValidationError into TimelineError, in the outermost validation only: pydantic calls
     our custom __init__ for nested models too, and converting there would flatten the nested
     errors into one opaque message instead of one entry per field."""
@@ -133,17 +133,17 @@ class _Model(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     def __init__(self, **data: Any):
-        with _as_timeline_error():
+        with as_timeline_error():
             super().__init__(**data)
 
     @classmethod
     def model_validate(cls, obj: Any, **kw: Any):
-        with _as_timeline_error():
+        with as_timeline_error():
             return super().model_validate(obj, **kw)
 
     @classmethod
     def model_validate_json(cls, data: Any, **kw: Any):
-        with _as_timeline_error():
+        with as_timeline_error():
             return super().model_validate_json(data, **kw)
 
     def replace(self, **changes: Any):

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .clock import CHUNK_FRAMES, time_of_chunk
-from .model import Timeline, TimelineError, _as_timeline_error
+from .model import Timeline, TimelineError, as_timeline_error
 
 SCOPE_VERSIONS = ("1.0", "2.0", "2.1")
 
@@ -49,7 +49,7 @@ def read_scope_json(source: Union[dict, str, Path]) -> Timeline:
               "height": s.resolution.height if s.resolution else None,
               "width": s.resolution.width if s.resolution else None,
               "denoising_steps": s.denoisingSteps}
-    with _as_timeline_error(lambda loc: _scope_loc(loc, fallback, seed_loc)):
+    with as_timeline_error(lambda loc: _scope_loc(loc, fallback, seed_loc)):
         return Timeline.model_validate(fields)
 
 
