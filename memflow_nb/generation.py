@@ -222,7 +222,9 @@ class Session:
     def __init__(self, pipe, *, checkpoints: Union[Checkpoints, str, None] = "auto", keep_frames: bool = True,
                  progress: bool = False):
         self.pipe = pipe
-        self.checkpoints = Checkpoints.auto(pipe) if isinstance(checkpoints, str) else checkpoints
+        if isinstance(checkpoints, str) and checkpoints != "auto":
+            raise ValueError(f"checkpoints={checkpoints!r}: give 'auto', a Checkpoints or None")
+        self.checkpoints = Checkpoints.auto(pipe) if checkpoints == "auto" else checkpoints
         self.keep_frames, self.progress = keep_frames, progress
         self.size: Optional[tuple[int, int]] = None  # (height, width) of the video, fixed by generate()
         self._spans: list[_Span] = []
