@@ -32,7 +32,8 @@ from pathlib import Path
 from typing import Optional, Sequence, Union
 
 from . import ranks as R
-from .cli import DEFAULT_OFFICIAL_LATENT_FRAMES, DEFAULT_SWITCHES, _frames_to_chunks
+from .timeline.clock import chunks_for_frames
+from .timeline.official import DEFAULT_OFFICIAL_LATENT_FRAMES, DEFAULT_SWITCHES
 from .engine.config import StreamConfig
 from .study_plan import Run, StudyInputError, parse_seeds, parse_settings, plan_runs, read_stories, shard
 from .study_run import run_one
@@ -123,7 +124,7 @@ def _plan(store, input, settings, seeds, model, height, width, frames, switch_fr
     base = StreamConfig()
     variants = parse_settings(settings, base)
     seed_list = parse_seeds(seeds) if isinstance(seeds, (str, type(None))) else tuple(int(s) for s in seeds)
-    chunks = _frames_to_chunks(frames, base.chunk_frames) if frames else None
+    chunks = chunks_for_frames(frames, base.chunk_frames) if frames else None
     latent = base.chunk_frames * chunks if chunks else DEFAULT_OFFICIAL_LATENT_FRAMES
     stories = read_stories(input, [int(s) for s in switch_frames], latent)
     runs = plan_runs(stories, variants, seed_list, chunks)

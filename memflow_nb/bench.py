@@ -26,6 +26,7 @@ from .engine.context import PassAttention, Workspace
 from .engine.model import CausalWanModel
 from .engine.steps import init_state, step, update_memory
 from .tae import decoder_fns
+from .timeline.clock import frames_in_chunk, frames_of_chunks
 from .vae import VAEConfig, WanVAEDecoder, decode_chunk, init_decode_state, to_uint8
 
 
@@ -63,13 +64,12 @@ class _Timer:
         self.ms = self.a.elapsed_time(self.b)
 
 
-def _frames(chunk: int) -> int:
-    return 9 if chunk == 0 else 12
-
-
 def bench_case(model, vae, height, width, mode, chunks, warm_chunks, prompt, vae_per_frame=False):
     stream = StreamConfig(sma=mode == "fast")
     out = {"height": height, "width": width, "mode": mode, "decoder": type(vae).__name__}
+    # Video frames of the timed chunks (each timed loop makes chunks warm_chunks .. warm_chunks + chunks - 1).
+    cf = stream.chunk_frames
+    timed_frames = frames_of_chunks(warm_chunks + chunks, cf) - frames_of_chunks(warm_chunks, cf)
     init_decode_state, decode_chunk = decoder_fns(vae)
     if vae_per_frame and isinstance(vae, WanVAEDecoder):
         import functools
@@ -87,7 +87,7 @@ def bench_case(model, vae, height, width, mode, chunks, warm_chunks, prompt, vae
         for _ in range(chunks):
             state, x0 = step(model, state)
     out["diffusion_ms_per_chunk"] = t.ms / chunks
-    out["diffusion_fps"] = 12 * chunks / (t.ms / 1000)
+    out["diffusion_fps"] = timed_frames / (t.ms / 1000)
     state, vstate = s0, v0
     del s0, v0  # a user holds one state; peak memory is measured that way
     torch.cuda.synchronize()
@@ -97,7 +97,7 @@ def bench_case(model, vae, height, width, mode, chunks, warm_chunks, prompt, vae
             state, x0 = step(model, state)
             pixels, vstate = decode_chunk(vae, x0, vstate)
     out["e2e_ms_per_chunk"] = t.ms / chunks
-    out["e2e_fps"] = 12 * chunks / (t.ms / 1000)
+    out["e2e_fps"] = timed_frames / (t.ms / 1000)
     out["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 1e9
     # The same with each chunk's decode on a second stream, overlapping the next chunk's DiT.
     side = torch.cuda.Stream()
@@ -109,7 +109,7 @@ def bench_case(model, vae, height, width, mode, chunks, warm_chunks, prompt, vae
                 x0.record_stream(side)
                 pixels, vstate = decode_chunk(vae, x0, vstate)
         torch.cuda.current_stream().wait_stream(side)
-    out["e2e_overlap_fps"] = 12 * chunks / (t.ms / 1000)
+    out["e2e_overlap_fps"] = timed_frames / (t.ms / 1000)
     with _Timer() as t:
         for _ in range(chunks):
             decode_chunk(vae, x0, vstate)
@@ -141,7 +141,7 @@ def bench_case(model, vae, height, width, mode, chunks, warm_chunks, prompt, vae
             pixels, _ = decode_chunk(vae, x0, init_decode_state(vae))
             frames = to_uint8(pixels[0])
     out["first_chunk_ms"] = t.ms
-    assert frames.shape[0] == 9
+    assert frames.shape[0] == frames_in_chunk(0, stream.chunk_frames)
     return out
 
 

@@ -5,14 +5,11 @@ Bad input ends with one line on stderr and exit status 2, never a traceback.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-DEFAULT_SWITCHES = (40, 80, 120, 160, 200)  # the official interactive config (latent frames)
-DEFAULT_OFFICIAL_LATENT_FRAMES = 240
 
 
 class UsageError(Exception):
@@ -20,6 +17,8 @@ class UsageError(Exception):
 
 
 def _parser() -> argparse.ArgumentParser:
+    from .timeline.official import DEFAULT_SWITCHES
+
     p = argparse.ArgumentParser(prog="python -m memflow_nb", description="MemFlow streaming text-to-video.")
     sub = p.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="make a video from a prompt timeline",
@@ -43,13 +42,10 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _frames_to_chunks(frames: int, chunk_frames: int = 3) -> int:
-    per_chunk = 4 * chunk_frames  # one latent frame decodes to 4 video frames, the very first to 1
-    return max(1, math.ceil((frames + 3) / per_chunk))
-
-
 def _read_timeline(args):
-    from .timeline import Timeline, TimelineError, from_official_jsonl
+    from .timeline.clock import CHUNK_FRAMES, chunks_for_frames
+    from .timeline.model import Timeline, TimelineError
+    from .timeline.official import DEFAULT_OFFICIAL_LATENT_FRAMES, from_official_jsonl
 
     path: Path = args.timeline
     if not path.is_file():
@@ -57,7 +53,7 @@ def _read_timeline(args):
     try:
         if path.suffix.lower() == ".jsonl":
             switches = [int(s) for s in args.switch_frames.split(",") if s.strip()]
-            latent = 3 * _frames_to_chunks(args.frames) if args.frames else DEFAULT_OFFICIAL_LATENT_FRAMES
+            latent = CHUNK_FRAMES * chunks_for_frames(args.frames) if args.frames else DEFAULT_OFFICIAL_LATENT_FRAMES
             timelines = from_official_jsonl(path, switches, num_latent_frames=latent)
             if not 0 <= args.line < len(timelines):
                 raise UsageError(f"{path}: --line {args.line} is out of range (the file has {len(timelines)} lines)")
@@ -74,9 +70,9 @@ def _generate(args) -> int:
     import torch
 
     from .engine.config import latent_size
-    from .generation import generate, render_size
+    from .generation import Session, render_size
     from .hub import load
-    from .timeline import FPS
+    from .timeline.clock import FPS, chunks_for_frames
     from .video import VideoFile, _codec
 
     timeline = _read_timeline(args)
@@ -102,16 +98,15 @@ def _generate(args) -> int:
         check_memory(pipe.model, pipe.stream, h, w, 1)  # refuse sizes that cannot fit, before any work
     except (ValueError, TypeError) as e:
         raise UsageError(f"--seed {args.seed}: {e}" if "seed" in str(e) else str(e)) from None
-    chunks = _frames_to_chunks(args.frames, pipe.stream.chunk_frames) if args.frames else timeline.num_chunks
+    chunks = chunks_for_frames(args.frames, pipe.stream.chunk_frames) if args.frames else timeline.num_chunks
     t0 = time.perf_counter()
-    switches, written = [], 0
+    # No checkpoints and no frames kept: the video goes to the file, memory stays flat however long.
+    session = Session(pipe, checkpoints=None, keep_frames=False, progress=not args.no_progress)
     with VideoFile(args.output, (height, width), FPS) as out:
-        for ch in generate(pipe, timeline, seed=args.seed, height=height, width=width, num_chunks=chunks,
-                           progress=not args.no_progress):
+        for ch in session.generate(timeline, seed=args.seed, height=height, width=width, num_chunks=chunks):
             out.add(ch.frames)
-            if ch.switched:
-                switches.append(ch.index)
         written = out.frames_written
+    switches = session.switches
     secs = time.perf_counter() - t0
     print(f"wrote {args.output}: {written} frames ({written / FPS:.1f} s at {FPS} fps), {width}x{height}, "
           f"{chunks} chunks, prompt switches at chunks {switches or 'none'}; "

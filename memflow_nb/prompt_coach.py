@@ -16,7 +16,8 @@ from typing import Any, Literal, Optional
 
 from . import prompt_text as pt
 from .engine.config import ModelConfig
-from .timeline import CHUNK_FRAMES, Timeline, time_of_chunk
+from .timeline.clock import CHUNK_FRAMES, time_of_chunk
+from .timeline.model import Timeline
 
 Severity = Literal["info", "warn"]
 

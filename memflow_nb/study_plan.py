@@ -226,7 +226,7 @@ def _stem(path: Path) -> str:
 
 
 def _describe(err) -> str:
-    from .timeline import TimelineError
+    from .timeline.model import TimelineError
 
     if isinstance(err, TimelineError):
         return "; ".join(f"{re.sub(r'^lines[.]0[.]?', '', loc) or 'line'}: {msg}" for loc, msg in err.errors)
@@ -234,7 +234,8 @@ def _describe(err) -> str:
 
 
 def _jsonl(path: Path, switch_frames: Sequence[int], num_latent_frames: int) -> list[Story]:
-    from .timeline import TimelineError, from_official_jsonl
+    from .timeline.model import TimelineError
+    from .timeline.official import from_official_jsonl
 
     try:  # checks the switch indices and length once, for the whole file
         from_official_jsonl([], switch_frames, num_latent_frames=num_latent_frames)
@@ -254,7 +255,7 @@ def _jsonl(path: Path, switch_frames: Sequence[int], num_latent_frames: int) -> 
 
 
 def _scope(path: Path) -> Story:
-    from .timeline import Timeline, TimelineError
+    from .timeline.model import Timeline, TimelineError
 
     try:
         return Story(_stem(path), str(path), None, Timeline.from_scope_json(path))

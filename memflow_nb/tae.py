@@ -32,7 +32,7 @@ z * std + mean first (`load_tae` sets this when the file name starts with "light
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Mapping
 
@@ -221,6 +221,14 @@ class TAEDecodeState:
     memory: tuple[torch.Tensor | None, ...]
     latent_frames: int = 0
     latent_shape: tuple[int, int, int] | None = None
+
+    def to(self, device) -> "TAEDecodeState":
+        """The same state with its tensors on `device` (for checkpoints kept off the GPU)."""
+        return replace(self, memory=tuple(None if t is None else t.to(device) for t in self.memory))
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The tensors this state holds (for counting bytes)."""
+        return [t for t in self.memory if t is not None]
 
 
 def init_tae_state(tae: TAEDecoder) -> TAEDecodeState:

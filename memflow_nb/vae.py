@@ -18,7 +18,7 @@ official code, because Conv3d wants channels before time.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -313,6 +313,14 @@ class VAEDecodeState:
     caches: tuple[torch.Tensor | None, ...]
     latent_frames: int = 0
     latent_shape: tuple[int, int, int] | None = None
+
+    def to(self, device) -> "VAEDecodeState":
+        """The same state with its tensors on `device` (for checkpoints kept off the GPU)."""
+        return replace(self, caches=tuple(None if t is None else t.to(device) for t in self.caches))
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The tensors this state holds (for counting bytes)."""
+        return [t for t in self.caches if t is not None]
 
     @property
     def first_done(self) -> bool:

@@ -6,7 +6,7 @@ from typing import Iterable, Optional, Union
 
 import numpy as np
 
-FPS = 16  # Wan2.1 / MemFlow play back at 16 frames per second
+from .timeline.clock import FPS
 
 _ffmpeg_ready = False
 

@@ -69,3 +69,40 @@ def stream_states(model, n_chunks, stream=None, hw=(64, 64), seed=3, prompt_seed
         states.append(state)
         outs.append(x0)
     return states, outs
+
+
+@pytest.fixture(scope="session")
+def pipe():
+    """The tiny random-weight pipeline (float32, CPU), shared: generation never changes it."""
+    from memflow_nb.hub import load
+
+    return load("tiny")
+
+
+def make_tiny_tae(seed: int = 0):
+    """A narrow random-weight TAE decoder (the taew2_1 architecture at width 8), float32, CPU."""
+    from memflow_nb.tae import TAEConfig, TAEDecoder
+    from memflow_nb.testing import recipe_weights
+
+    with torch.device("meta"):
+        tae = TAEDecoder(TAEConfig(channels=(8, 8, 8, 8)))
+    shapes = {k: tuple(v.shape) for k, v in tae.state_dict().items()}
+    tae.load_state_dict(recipe_weights(shapes, seed), strict=True, assign=True)
+    return tae.eval()
+
+
+@pytest.fixture(scope="session")
+def tae_pipe(pipe):
+    """The tiny pipeline decoding with a narrow random TAE: the same stream, much faster to decode."""
+    import dataclasses
+
+    return dataclasses.replace(pipe, vae=make_tiny_tae())
+
+
+def chunk_timeline(*prompts, chunks_each: int = 3, **settings):
+    """A chunk-unit Timeline: one single-prompt segment of `chunks_each` chunks per prompt."""
+    from memflow_nb.timeline.model import Timeline
+
+    segs = [{"start": i * chunks_each, "end": (i + 1) * chunks_each, "prompts": [{"text": p}]}
+            for i, p in enumerate(prompts)]
+    return Timeline(segments=segs, unit="chunks", **settings)

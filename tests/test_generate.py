@@ -8,10 +8,9 @@ import pytest
 import torch
 
 import memflow_nb.generation as gen_mod
+from conftest import chunk_timeline
 from memflow_nb.cli import main as cli_main
 from memflow_nb.generation import Checkpoints, generate, generate_video, resume
-from memflow_nb.hub import load
-from memflow_nb.timeline import Timeline
 from memflow_nb.video import read_video, write_video
 
 A = "a red fox trotting through fresh snow in a pine forest at dawn, soft light, slow tracking shot"
@@ -19,15 +18,8 @@ B = "the same red fox curled up asleep under a snowy pine tree at dusk, blue lig
 C = "a lighthouse on a cliff during a storm, waves crashing, lightning over the sea, wide shot"
 
 
-@pytest.fixture(scope="module")
-def pipe():
-    return load("tiny")
-
-
 def timeline(*prompts, chunks_each=3, **kw):
-    segs = [{"start": i * chunks_each, "end": (i + 1) * chunks_each, "prompts": [{"text": p}]}
-            for i, p in enumerate(prompts)]
-    return Timeline(segments=segs, unit="chunks", height=64, width=64, **kw)
+    return chunk_timeline(*prompts, chunks_each=chunks_each, height=64, width=64, **kw)
 
 
 def test_streaming_yields_each_chunk_as_soon_as_it_is_made(pipe, monkeypatch):

@@ -15,7 +15,8 @@ from memflow_nb.prompt_coach import (KINDS, CoachSettings, Coaching, apply_sugge
 from memflow_nb.prompt_text import (approx_tokens, count_tokens, description_edits, mark_edits, subject_phrase,
                                     subject_edits, truncate_to_tokens, words)
 from memflow_nb.text_encoder import encode_prompts
-from memflow_nb.timeline import Timeline, from_official_jsonl
+from memflow_nb.timeline.model import Timeline
+from memflow_nb.timeline.official import from_official_jsonl
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 

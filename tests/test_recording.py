@@ -172,7 +172,7 @@ def test_plots_render(tiny_model, tmp_path):
     import matplotlib
 
     matplotlib.use("Agg")
-    from memflow_nb.plots import plot_attention_mass, plot_bank_timeline, plot_retrieval_scores
+    from memflow_nb.notebook.plots import plot_attention_mass, plot_bank_timeline, plot_retrieval_scores
 
     states, _ = run(tiny_model, 13)
     with record_attention(tiny_model) as rec:

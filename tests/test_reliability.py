@@ -15,7 +15,7 @@ from memflow_nb.engine.config import StreamConfig
 from memflow_nb.engine.steps import init_state, set_prompt, step
 from memflow_nb.generation import generate
 from memflow_nb.hub import load
-from memflow_nb.timeline import Timeline
+from memflow_nb.timeline.model import Timeline
 
 
 # -- streams past the RoPE table --------------------------------------------------------------------

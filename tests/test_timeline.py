@@ -13,10 +13,12 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from memflow_nb.conditioning import (Blend, Transition, blend_prompts, chunk_embeddings, conditioning_plan, slerp,
-                                     transition_schedule, unique_texts)
-from memflow_nb.timeline import (Segment, Timeline, TimelineError, WeightedPrompt, chunk_of_time, chunk_video_frames,
-                                 from_official_jsonl, official_switch_chunks, time_of_chunk, to_official_jsonl)
+from memflow_nb.timeline.clock import (chunk_of_time, chunk_video_frames, chunks_for_frames, frames_in_chunk,
+                                       frames_of_chunks, time_of_chunk)
+from memflow_nb.timeline.conditioning import (Blend, Transition, blend_prompts, chunk_embeddings, conditioning_plan,
+                                              slerp, transition_schedule, unique_texts)
+from memflow_nb.timeline.model import Segment, Timeline, TimelineError, WeightedPrompt
+from memflow_nb.timeline.official import from_official_jsonl, official_switch_chunks, to_official_jsonl
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 DEFAULT_SWITCHES = [40, 80, 120, 160, 200]  # MemFlow's interactive_inference.yaml
@@ -78,6 +80,15 @@ def test_chunk_of_time_rounds_to_the_nearest_frame():
 @given(st.integers(0, 5000), st.integers(1, 6))
 def test_chunk_of_time_matches_brute_force(frame, chunk_frames):
     assert chunk_of_time(frame / 16, chunk_frames) == first_frame_brute(frame, chunk_frames)
+
+
+@given(st.integers(-5, 5000), st.integers(1, 6))
+def test_chunks_for_frames_is_the_fewest_chunks_that_make_them(frames, chunk_frames):
+    n = chunks_for_frames(frames, chunk_frames)
+    assert frames_of_chunks(n, chunk_frames) >= frames and n >= 0
+    assert n == 0 or frames_of_chunks(n - 1, chunk_frames) < frames
+    assert sum(frames_in_chunk(k, chunk_frames) for k in range(n)) == frames_of_chunks(n, chunk_frames)
+    assert [frames_in_chunk(k) for k in range(3)] == [9, 12, 12] and chunks_for_frames(45) == 4
 
 
 def test_seconds_timeline_maps_segments_to_chunks():

@@ -22,11 +22,6 @@ N_FRAMES = 9 + 12 * 4
 ROOT = Path(__file__).parent.parent
 
 
-@pytest.fixture(scope="module")
-def pipe():
-    return mf.load("tiny")
-
-
 @pytest.fixture
 def editor(pipe):
     ed = mf.TimelineEditor(pipe, height=32, width=48, seed=3)
@@ -232,7 +227,7 @@ def test_max_chunks_makes_a_short_preview(editor):
 
 
 def test_an_unexpected_error_is_one_line_plus_a_traceback_in_the_log(pipe, editor, monkeypatch):
-    import memflow_nb.widgets as widgets_mod
+    import memflow_nb.generation as widgets_mod  # the editor's session generates through it
 
     def broken(*a, **k):
         raise RuntimeError("the GPU caught fire")

@@ -5,8 +5,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .engine.memory import MemoryEvent
-from .recording import AttentionRecording, bank_timeline
+from ..engine.memory import MemoryEvent
+from ..recording import AttentionRecording, bank_timeline
 
 
 def _plt():

@@ -4,7 +4,10 @@ plan that turns a timeline into one embedding per chunk (each distinct text enco
 Blending: weights are normalised; a linear blend is rescaled per token to the weighted mean of the
 input norms; slerp (exactly two prompts) interpolates each token vector on the sphere, falling back
 to lerp for tiny angles and for zero vectors (T5 padding rows). Transitions: see
-`memflow_nb.timeline` (Scope's semantics: N embeddings at t = linspace(0, 1, N), one per chunk).
+`memflow_nb.timeline.model` (Scope's semantics: N embeddings at t = linspace(0, 1, N), one per chunk).
+
+The plan is symbolic (texts, weights, transition steps): whether a chunk switches the prompt is
+decided here, once, by comparing plan entries; embeddings are computed only for the chunks made.
 """
 from __future__ import annotations
 
@@ -14,7 +17,8 @@ from typing import Any, Callable, Iterator, Union
 
 import torch
 
-from .timeline import CHUNK_FRAMES, Method, Segment, Timeline
+from .clock import CHUNK_FRAMES
+from .model import Method, Segment, Timeline
 
 _EPS = 1e-8  # norms below this are treated as zero vectors (T5 padding tokens are exact zeros)
 _ANGLE_EPS = 1e-4  # slerp falls back to lerp below this angle (and for near-opposite vectors)
@@ -231,39 +235,48 @@ def unique_texts(timeline: Timeline) -> list[str]:
     return list(dict.fromkeys(p.text for seg in timeline.segments for p in seg.prompts))
 
 
-def chunk_embeddings(timeline: Timeline, embed_of: Callable[[str], torch.Tensor],
-                     blend_method: Method = "linear",
-                     chunk_frames: int = CHUNK_FRAMES) -> Iterator[tuple[int, torch.Tensor, bool]]:
-    """Yield ``(chunk, embeds [1, L, D], changed)`` for every chunk, following ``conditioning_plan``.
+class Embeddings:
+    """Embedding of each `Conditioning`: ``embeddings(c)`` -> ``[L, D]``.
 
-    ``embed_of(text)`` returns ``[L, D]`` or ``[1, L, D]`` and is called once per distinct text, lazily.
-    Blends are cached; a transition's rows are computed one chunk at a time (equal to the rows of
-    ``transition_schedule``), so long transitions cost no extra memory.
+    ``embed_of(text)`` returns ``[L, D]`` or ``[1, L, D]`` and is called once per distinct text, lazily,
+    so only the texts of the conditionings asked for are encoded. Blends are cached; a transition's
+    rows are computed one chunk at a time (equal to the rows of ``transition_schedule``), so long
+    transitions cost no extra memory.
     """
-    texts: dict[str, torch.Tensor] = {}
-    blends: dict[Blend, torch.Tensor] = {}
-    sources: dict[Conditioning, torch.Tensor] = {}  # the source of the transition in progress
 
-    def text_embed(s: str) -> torch.Tensor:
-        if s not in texts:
-            e = embed_of(s)
+    def __init__(self, embed_of: Callable[[str], torch.Tensor]):
+        self._embed_of = embed_of
+        self._texts: dict[str, torch.Tensor] = {}
+        self._blends: dict[Blend, torch.Tensor] = {}
+        self._sources: dict[Conditioning, torch.Tensor] = {}  # the source of the transition in progress
+
+    def text(self, s: str) -> torch.Tensor:
+        if s not in self._texts:
+            e = self._embed_of(s)
             e = e[0] if e.ndim == 3 and e.shape[0] == 1 else e
             if e.ndim != 2:
                 raise ValueError(f"embed_of({s[:40]!r}) returned shape {tuple(e.shape)}; expected [L, D] or [1, L, D]")
-            if texts and e.shape != next(iter(texts.values())).shape:
+            if self._texts and e.shape != next(iter(self._texts.values())).shape:
                 raise ValueError(f"embed_of returned inconsistent shapes: {tuple(e.shape)}")
-            texts[s] = e
-        return texts[s]
+            self._texts[s] = e
+        return self._texts[s]
 
-    def value(c: Conditioning) -> torch.Tensor:
+    def __call__(self, c: Conditioning) -> torch.Tensor:
         if isinstance(c, Blend):
-            if c not in blends:
-                blends[c] = blend_prompts(torch.stack([text_embed(s) for s in c.texts]), c.weights, c.method)
-            return blends[c]
-        if c.source not in sources:
-            sources.clear()
-            sources[c.source] = value(c.source)
-        return _interp(sources[c.source], value(c.target), c.t, c.method)
+            if c not in self._blends:
+                self._blends[c] = blend_prompts(torch.stack([self.text(s) for s in c.texts]), c.weights, c.method)
+            return self._blends[c]
+        if c.source not in self._sources:
+            self._sources.clear()
+            self._sources[c.source] = self(c.source)
+        return _interp(self._sources[c.source], self(c.target), c.t, c.method)
 
-    for cc in conditioning_plan(timeline, blend_method, chunk_frames):
-        yield cc.chunk, value(cc.conditioning).unsqueeze(0), cc.changed
+
+def chunk_embeddings(timeline: Timeline, embed_of: Callable[[str], torch.Tensor],
+                     blend_method: Method = "linear", chunk_frames: int = CHUNK_FRAMES,
+                     start: int = 0) -> Iterator[tuple[int, torch.Tensor, bool]]:
+    """Yield ``(chunk, embeds [1, L, D], changed)`` for every chunk from ``start``, following
+    ``conditioning_plan``; texts only chunks before ``start`` use are never encoded (see `Embeddings`)."""
+    embeddings = Embeddings(embed_of)
+    for cc in conditioning_plan(timeline, blend_method, chunk_frames)[start:]:
+        yield cc.chunk, embeddings(cc.conditioning).unsqueeze(0), cc.changed

@@ -1,0 +1,302 @@
+"""The prompt timeline: a validated, immutable model and its mapping onto chunks.
+
+Time model (the frame arithmetic is in `memflow_nb.timeline.clock`)
+----------
+MemFlow generates the video one *chunk* at a time (``chunk_frames = 3`` latent frames); chunk ``k``
+makes the video frames ``[max(0, 12k - 3), 12k + 9)`` at 16 fps: 9 frames for chunk 0, 12 for every
+later one. A prompt can only change at a chunk start.
+
+A timeline in ``unit="seconds"`` (Scope's unit) is mapped onto chunks like this: a segment that
+starts at ``t`` seconds starts at the first chunk whose first video frame is ``>= round(t * 16)``
+(rounding half up). The video ends at the first chunk boundary at or after the last segment's end,
+so it always covers the requested duration. ``unit="chunks"`` gives chunk indices directly.
+A segment stays active until the next one starts: a gap between segments extends the earlier
+one, and the first segment also covers any time before its start. A segment shorter than a
+chunk can round to zero chunks; it then never plays (``chunk_plan`` shows which segments do).
+
+Transitions follow Scope's semantics: a segment with ``transition_steps = N > 0`` does not switch
+at once; its first N chunks use ``N`` embeddings interpolated from the conditioning in effect just
+before it to its own blend, at ``t = linspace(0, 1, N)``. The first of them equals the source, so
+the target is reached on the segment's N-th chunk (N = 1 only delays the switch by one chunk).
+The blending math and the per-chunk plan are in `memflow_nb.timeline.conditioning`; the file
+formats in `memflow_nb.timeline.scope` and `memflow_nb.timeline.official`.
+"""
+from __future__ import annotations
+
+import bisect
+import math
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, Callable, Iterator, Literal, NamedTuple, Optional, Sequence, Union
+
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo,
+                      field_validator, model_validator)
+from pydantic_core import PydanticCustomError
+
+from .clock import CHUNK_FRAMES, chunk_of_time, time_of_chunk
+
+MAX_TIME = 100_000  # upper bound on segment times (seconds or chunks): keeps plans finite and small
+
+Method = Literal["linear", "slerp"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Errors
+# ----------------------------------------------------------------------------------------------
+
+class TimelineError(ValueError):
+    """Invalid timeline or timeline file. ``errors`` lists ``(field path, message)`` pairs;
+    ``validation_error`` is the underlying pydantic ``ValidationError`` when there is one."""
+
+    def __init__(self, errors: Sequence[tuple[str, str]], validation_error: ValidationError | None = None):
+        self.errors = [(str(p), str(m)) for p, m in errors]
+        self.validation_error = validation_error
+        lines = "\n".join(f"  {p or '(root)'}: {m}" for p, m in self.errors)
+        super().__init__(f"invalid timeline ({len(self.errors)} error{'s' * (len(self.errors) != 1)}):\n{lines}")
+
+    @classmethod
+    def from_pydantic(cls, err: ValidationError, rename: Callable[[tuple], tuple] = lambda loc: loc,
+                      prefix: tuple = ()) -> "TimelineError":
+        """Flatten a pydantic error; ``rename`` maps our field names to a file format's names."""
+        out = []
+        for e in err.errors():
+            loc = tuple(e["loc"])
+            # Cross-field checks report several problems in one pydantic error (see _cross_check).
+            for sub_loc, msg in (e.get("ctx") or {}).get("problems", [(loc, e["msg"])]):
+                msg = msg.removeprefix("Value error, ")  # pydantic's prefix for our own ValueErrors
+                out.append((_path(prefix + rename(tuple(sub_loc))), msg))
+        return cls(out, err)
+
+
+def _path(loc: Sequence) -> str:
+    return ".".join(str(p) for p in loc)
+
+
+def _not_blank(s: str) -> str:
+    if not s.strip():
+        raise ValueError("prompt text is empty or whitespace only")
+    return s
+
+
+def _non_empty(items: tuple) -> tuple:
+    # A length check after item validation; Field(min_length=...) would also fire, confusingly,
+    # when the items are present but invalid.
+    if not items:
+        raise ValueError("must not be empty")
+    return items
+
+
+def _descending(steps: tuple[int, ...]) -> tuple[int, ...]:
+    if any(a <= b for a, b in zip(steps, steps[1:])):
+        raise ValueError(f"denoising steps must be strictly decreasing, got {list(steps)}")
+    return steps
+
+
+def _multiple_of_16(v: int) -> int:
+    # The VAE downsamples by 8 and the DiT patches 2x2, so a pixel side must tile into 16s.
+    if v % 16:
+        raise ValueError(f"{v} is not divisible by 16")
+    return v
+
+
+Text = Annotated[str, Field(strict=True), AfterValidator(_not_blank)]
+Weight = Annotated[float, Field(strict=True, ge=0, allow_inf_nan=False)]
+Time = Annotated[float, Field(strict=True, ge=0, le=MAX_TIME, allow_inf_nan=False)]
+Side = Annotated[int, Field(strict=True, gt=0, le=16384), AfterValidator(_multiple_of_16)]
+Step = Annotated[int, Field(strict=True, ge=1, le=1000)]
+
+
+_depth = threading.local()  # how many model validations are in progress on this thread
+
+
+@contextmanager
+def as_timeline_error(rename: Callable[[tuple], tuple] = lambda loc: loc) -> Iterator[None]:
+    """Turn a ValidationError into TimelineError, in the outermost validation only: pydantic calls
+    our custom __init__ for nested models too, and converting there would flatten the nested
+    errors into one opaque message instead of one entry per field."""
+    n = getattr(_depth, "n", 0)
+    _depth.n = n + 1
+    try:
+        yield
+    except ValidationError as e:
+        if n == 0:
+            raise TimelineError.from_pydantic(e, rename) from e
+        raise
+    finally:
+        _depth.n = n
+
+
+class _Model(BaseModel):
+    """Frozen, no unknown fields, and every validation failure surfaces as TimelineError."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    def __init__(self, **data: Any):
+        with as_timeline_error():
+            super().__init__(**data)
+
+    @classmethod
+    def model_validate(cls, obj: Any, **kw: Any):
+        with as_timeline_error():
+            return super().model_validate(obj, **kw)
+
+    @classmethod
+    def model_validate_json(cls, data: Any, **kw: Any):
+        with as_timeline_error():
+            return super().model_validate_json(data, **kw)
+
+    def replace(self, **changes: Any):
+        """A validated copy with some fields changed (``model_copy`` would skip validation)."""
+        return type(self)(**{**{k: getattr(self, k) for k in type(self).model_fields}, **changes})
+
+
+# ----------------------------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------------------------
+
+class WeightedPrompt(_Model):
+    """One prompt text and its blend weight (only ratios matter: weights are normalised)."""
+
+    text: Text
+    weight: Weight = 1.0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_str(cls, v: Any) -> Any:
+        return {"text": v} if isinstance(v, str) else v  # notebook shorthand: a bare string
+
+
+class Segment(_Model):
+    """A span ``[start, end)`` (in the timeline's unit) with a weighted prompt blend.
+
+    ``transition_steps``: chunks spent interpolating into this segment (None or 0: hard switch).
+    ``transition_method``: how to interpolate (None: slerp, Scope's default for MemFlow).
+    """
+
+    start: Time
+    end: Time
+    prompts: tuple[WeightedPrompt, ...]
+    transition_steps: Optional[Annotated[int, Field(strict=True, ge=0, le=MAX_TIME)]] = None
+    transition_method: Optional[Method] = None
+
+    @field_validator("end")
+    @classmethod
+    def _after_start(cls, end: float, info: ValidationInfo) -> float:
+        start = info.data.get("start")  # absent when start itself failed
+        if start is not None and end <= start:
+            raise ValueError(f"end ({end}) must be greater than start ({start})")
+        return end
+
+    @field_validator("prompts")
+    @classmethod
+    def _some_weight(cls, prompts: tuple[WeightedPrompt, ...]) -> tuple[WeightedPrompt, ...]:
+        _non_empty(prompts)
+        total = math.fsum(p.weight for p in prompts)
+        if not total > 0:
+            raise ValueError("all prompt weights are zero; at least one must be positive")
+        if not math.isfinite(total):
+            raise ValueError("prompt weights sum to infinity")
+        return prompts
+
+
+class Switch(NamedTuple):
+    """Where a segment really starts: requested start (timeline unit) vs effective chunk."""
+
+    segment: int
+    requested_start: float
+    chunk: int
+    time: float  # seconds of video at which that chunk's first frame is shown
+
+
+class Timeline(_Model):
+    """A validated, immutable prompt timeline.
+
+    ``segments``: ordered, non-overlapping (gaps allowed, see module doc). ``unit``: "seconds"
+    (video time at 16 fps) or "chunks" (integer chunk indices). ``seed``, ``height``, ``width``,
+    ``denoising_steps``: optional generation settings (None: use the stream's own).
+    """
+
+    segments: Annotated[tuple[Segment, ...], AfterValidator(_non_empty)]
+    unit: Literal["seconds", "chunks"] = "seconds"
+    seed: Optional[Annotated[int, Field(strict=True, ge=0, lt=2**63)]] = None
+    height: Optional[Side] = None
+    width: Optional[Side] = None
+    denoising_steps: Optional[Annotated[tuple[Step, ...], AfterValidator(_non_empty), AfterValidator(_descending)]] = None
+
+    @model_validator(mode="after")
+    def _cross_check(self) -> "Timeline":
+        # Checks that span fields. All problems go into one pydantic error (a validator can only
+        # raise one); TimelineError.from_pydantic expands them into one entry per field path.
+        problems = []
+        for i in range(1, len(self.segments)):
+            prev, seg = self.segments[i - 1], self.segments[i]
+            if seg.start < prev.end:
+                problems.append((("segments", i, "start"),
+                                 f"starts at {seg.start}, before segment {i - 1} ends ({prev.end})"))
+        if self.unit == "chunks":
+            for i, seg in enumerate(self.segments):
+                for name in ("start", "end"):
+                    if not float(getattr(seg, name)).is_integer():
+                        problems.append((("segments", i, name), "must be a whole chunk index when unit='chunks'"))
+        if (self.height is None) != (self.width is None):
+            missing = "width" if self.width is None else "height"
+            problems.append(((missing,), "height and width must be given together"))
+        if problems:
+            raise PydanticCustomError("timeline", "{n} cross-field problem(s)", {"n": len(problems), "problems": problems})
+        return self
+
+    # -- chunk mapping ---------------------------------------------------------------------
+
+    def _chunk(self, value: float, chunk_frames: int) -> int:
+        return int(value) if self.unit == "chunks" else chunk_of_time(value, chunk_frames)
+
+    def _start_chunks(self, chunk_frames: int) -> list[int]:
+        # The first segment always owns chunk 0 (time before its start uses it too).
+        return [0] + [self._chunk(s.start, chunk_frames) for s in self.segments[1:]]
+
+    def chunk_plan(self, chunk_frames: int = CHUNK_FRAMES) -> tuple[int, ...]:
+        """Active segment index per chunk: a tuple of length ``num_chunks``.
+
+        When several segments round to the same start chunk, the last one wins (the others never play).
+        """
+        starts = self._start_chunks(chunk_frames)
+        n = max(1, self._chunk(self.segments[-1].end, chunk_frames))
+        return tuple(bisect.bisect_right(starts, k) - 1 for k in range(n))
+
+    @property
+    def num_chunks(self) -> int:
+        """Chunks (of ``CHUNK_FRAMES`` latent frames) needed to play the whole timeline."""
+        return len(self.chunk_plan())
+
+    def effective_switches(self, chunk_frames: int = CHUNK_FRAMES) -> list[Switch]:
+        """One ``Switch(segment, requested_start, chunk, time)`` per segment.
+
+        A segment whose chunk equals the next segment's chunk (or ``num_chunks``) never plays.
+        """
+        return [Switch(i, seg.start, c, time_of_chunk(c, chunk_frames))
+                for i, (seg, c) in enumerate(zip(self.segments, self._start_chunks(chunk_frames)))]
+
+    # -- Scope timeline JSON (memflow_nb.timeline.scope) -------------------------------------
+
+    @classmethod
+    def from_scope_json(cls, source: Union[dict, str, Path]) -> "Timeline":
+        """Read a Scope timeline (versions 1.0-2.1): a dict, JSON text (starting with '{') or a file path.
+
+        UI-only block keys (id, isLive, color) and unknown settings are ignored; a block without
+        ``prompts`` falls back to its ``text`` (weight 1). Error paths use Scope's names.
+        """
+        from .scope import read_scope_json
+
+        return read_scope_json(source)
+
+    def to_scope_json(self, path: Union[str, Path, None] = None, exported_at: str | None = None,
+                      chunk_frames: int = CHUNK_FRAMES) -> dict:
+        """A version "2.1" Scope timeline dict (also written to ``path`` if given).
+
+        Chunk-unit timelines are written in seconds (each boundary at its chunk's first frame), which
+        reads back as a seconds timeline with the same ``chunk_plan``.
+        """
+        from .scope import write_scope_json
+
+        return write_scope_json(self, path, exported_at, chunk_frames)

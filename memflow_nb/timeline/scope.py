@@ -1,0 +1,161 @@
+"""Scope timeline JSON (versions 1.0-2.1): read into a `Timeline`, write version 2.1.
+
+Only the file's shape and the keys that a Timeline does not hold are checked here; leaf values are
+handed to Timeline so each rule lives in one place, and errors are reported with Scope's key names.
+"""
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .clock import CHUNK_FRAMES, time_of_chunk
+from .model import Timeline, TimelineError, as_timeline_error
+
+SCOPE_VERSIONS = ("1.0", "2.0", "2.1")
+
+
+def read_scope_json(source: Union[dict, str, Path]) -> Timeline:
+    """A Scope timeline (dict, JSON text starting with '{', or a file path) as a seconds-unit Timeline.
+
+    UI-only block keys (id, isLive, color) and unknown settings are ignored; a block without
+    ``prompts`` falls back to its ``text`` (weight 1). Error paths use Scope's names.
+    """
+    data = _load_json(source)
+    try:
+        doc = _ScopeFile.model_validate(data)
+    except ValidationError as e:
+        raise TimelineError.from_pydantic(e) from e
+    s = doc.settings or _ScopeSettings()
+    fallback, segments = set(), []
+    for i, b in enumerate(doc.prompts):
+        seg = {"start": b.startTime, "end": b.endTime, "transition_steps": b.transitionSteps,
+               "transition_method": b.temporalInterpolationMethod}
+        if b.prompts:
+            seg["prompts"] = [p.model_dump() for p in b.prompts]
+        elif b.text is not None:
+            fallback.add(i)
+            seg["prompts"] = [{"text": b.text, "weight": 1.0}]
+        elif b.prompts is not None:
+            seg["prompts"] = []  # reported as empty; a missing key is reported as required
+        segments.append(seg)
+    seed, seed_loc = s.seed, ("settings", "seed")
+    if seed is None and s.schemaFieldOverrides and "base_seed" in s.schemaFieldOverrides:
+        seed, seed_loc = s.schemaFieldOverrides["base_seed"], ("settings", "schemaFieldOverrides", "base_seed")
+    fields = {"segments": segments, "unit": "seconds", "seed": seed,
+              "height": s.resolution.height if s.resolution else None,
+              "width": s.resolution.width if s.resolution else None,
+              "denoising_steps": s.denoisingSteps}
+    with as_timeline_error(lambda loc: _scope_loc(loc, fallback, seed_loc)):
+        return Timeline.model_validate(fields)
+
+
+def write_scope_json(timeline: Timeline, path: Union[str, Path, None] = None, exported_at: str | None = None,
+                     chunk_frames: int = CHUNK_FRAMES) -> dict:
+    """``timeline`` as a version "2.1" Scope dict (also written to ``path`` if given).
+
+    Chunk-unit timelines are written in seconds (each boundary at its chunk's first frame), which
+    reads back as a seconds timeline with the same ``chunk_plan``.
+    """
+    def secs(v: float) -> float:
+        return time_of_chunk(int(v), chunk_frames) if timeline.unit == "chunks" else v
+
+    blocks = []
+    for seg in timeline.segments:
+        b = {"startTime": secs(seg.start), "endTime": secs(seg.end),
+             "prompts": [{"text": p.text, "weight": p.weight} for p in seg.prompts]}
+        if seg.transition_steps is not None:
+            b["transitionSteps"] = seg.transition_steps
+        if seg.transition_method is not None:
+            b["temporalInterpolationMethod"] = seg.transition_method
+        blocks.append(b)
+    settings: dict[str, Any] = {"pipelineId": "memflow"}
+    if timeline.height is not None:
+        settings["resolution"] = {"height": timeline.height, "width": timeline.width}
+    if timeline.seed is not None:
+        settings["seed"] = timeline.seed
+    if timeline.denoising_steps is not None:
+        settings["denoisingSteps"] = list(timeline.denoising_steps)
+    doc = {"version": "2.1", "exportedAt": exported_at or datetime.now(timezone.utc).isoformat(),
+           "prompts": blocks, "settings": settings}
+    if path is not None:
+        Path(path).write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return doc
+
+
+class _ScopeModel(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # drops UI-only keys (id, isLive, color, ...)
+
+
+class _ScopePrompt(_ScopeModel):
+    text: Any
+    weight: Any
+
+
+class _ScopeBlock(_ScopeModel):
+    startTime: Any
+    endTime: Any
+    prompts: Optional[list[_ScopePrompt]] = None
+    text: Any = None
+    transitionSteps: Any = None
+    temporalInterpolationMethod: Any = None
+
+
+class _ScopeResolution(_ScopeModel):
+    height: Any
+    width: Any
+
+
+class _ScopeSettings(_ScopeModel):
+    resolution: Optional[_ScopeResolution] = None
+    seed: Any = None
+    denoisingSteps: Any = None
+    schemaFieldOverrides: Optional[dict[str, Any]] = None
+
+
+class _ScopeFile(_ScopeModel):
+    version: Literal[SCOPE_VERSIONS]
+    exportedAt: Optional[Annotated[str, Field(strict=True)]] = None
+    prompts: list[_ScopeBlock]
+    settings: Optional[_ScopeSettings] = None
+
+
+_SCOPE_BLOCK_KEYS = {"start": "startTime", "end": "endTime", "transition_steps": "transitionSteps",
+                     "transition_method": "temporalInterpolationMethod"}
+_SCOPE_SETTING_LOCS = {"height": ("settings", "resolution", "height"),
+                       "width": ("settings", "resolution", "width"),
+                       "denoising_steps": ("settings", "denoisingSteps")}
+
+
+def _scope_loc(loc: tuple, fallback: set[int], seed_loc: tuple) -> tuple:
+    """Timeline field path -> the Scope JSON path the value came from."""
+    if not loc:
+        return loc
+    head, rest = loc[0], loc[1:]
+    if head == "segments":
+        if len(rest) < 2:
+            return ("prompts",) + rest
+        i, name, rest = rest[0], rest[1], rest[2:]
+        if name == "prompts" and i in fallback:
+            return ("prompts", i, "text")
+        return ("prompts", i, _SCOPE_BLOCK_KEYS.get(name, name)) + rest
+    if head == "seed":
+        return seed_loc + rest
+    return _SCOPE_SETTING_LOCS.get(head, (head,)) + rest
+
+
+def _load_json(source: Union[dict, str, Path]) -> Any:
+    # JSON text, a file path, or already-parsed data (anything else is left to validation).
+    if isinstance(source, str) and source.lstrip().startswith("{"):
+        text = source
+    elif isinstance(source, (str, Path)):
+        text = Path(source).read_text(encoding="utf-8")
+    else:
+        return source
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise TimelineError([("", f"not valid JSON: {e}")]) from e
