@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .stream import State, init_state, set_prompt, state_to, step
-from .conditioning import chunk_embeddings
+from .conditioning import chunk_embeddings, unique_texts
 from .tae import decoder_fns
 from .timeline import Timeline
 from .vae import VAEDecodeState, to_uint8
@@ -245,6 +245,8 @@ def resume(pipe, timeline: Timeline, checkpoints: Checkpoints, chunk: int, *, pr
 
 def _conditioning(pipe, timeline: Timeline) -> Iterator[torch.Tensor]:
     """Prompt embeddings per chunk: each distinct text encoded once; past the end, the last one."""
+    if hasattr(pipe.text, "encode_all"):  # all at once: a streamed text encoder reads its file once
+        pipe.text.encode_all(unique_texts(timeline))
     last = None
     for _, emb, _ in chunk_embeddings(timeline, lambda text: pipe.text([text])):
         last = emb

@@ -127,6 +127,8 @@ def _device_dtype(mode: str, device, dtype, capability=None) -> tuple[torch.devi
     if device is None:
         device = "cpu" if mode == "cpu" or not torch.cuda.is_available() else "cuda"
     device = torch.device(device)
+    if mode != "auto":  # refuse a bad mode / device pair before asking the device anything
+        TextEncoderPlacement(mode, device, torch.float32)
     if dtype is None or isinstance(dtype, str) and dtype.strip().lower() == "auto":
         return device, text_encoder_dtype(device, capability)
     return device, resolve_dtype(dtype, device, capability, name="text_encoder_dtype")

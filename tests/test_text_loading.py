@@ -263,3 +263,36 @@ def test_placement_validation():
         TextEncoderPlacement("gpu", torch.device("cpu"), torch.float32)
     with pytest.raises(ValueError, match="bf16, fp16 or fp32"):
         TextEncoderPlacement("streamed", torch.device("cpu"), torch.float8_e4m3fn)
+
+
+# ------------------------------------------------------------------ load(text_encoder=...)
+
+
+def test_load_takes_the_fp8_file_and_never_fetches_the_pth(tmp_path, monkeypatch):
+    from test_io import TINY_T5, WAN, write_hub_layout
+
+    from memflow_nb.hub import load
+
+    root = tmp_path / "hub"
+    write_hub_layout(root)
+    (root / WAN / "models_t5_umt5-xxl-enc-bf16.pth").unlink()  # this user only has the fp8 file
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in UMT5Encoder(TINY_T5).state_dict().items()}
+    tensors = _fp8_tensors(recipe_weights(shapes, 9), scaled=False)
+    fp8 = tmp_path / "umt5-xxl-enc-fp8_e4m3fn.safetensors"
+    save_file(tensors, str(fp8))
+
+    def refuse(*a, **k):
+        raise AssertionError("nothing may be downloaded")
+    monkeypatch.setattr("huggingface_hub.snapshot_download", refuse)
+    pipe = load(local_dir=root, device="cpu", text_encoder=fp8, text_encoder_mode="streamed", progress=False)
+    assert isinstance(pipe.text.encoder, BlockwiseEncoder) and pipe.text.encoder.streamed
+    emb = pipe.text.encode_all(["a cat", "a dog on a skateboard"])
+    assert emb.shape == (2, 512, TINY_T5.dim) and emb.dtype == torch.float32
+    from memflow_nb.text_encoder import PromptEncoder
+    ref = UMT5Encoder.from_state_dict(_dequantised(tensors), TINY_T5)
+    want = PromptEncoder(ref, pipe.text.tokenizer, device="cpu", trim=True).encode_all(["a cat", "a dog on a skateboard"])
+    assert torch.equal(emb, want)
+    with pytest.raises(ValueError, match="'cpu' computes on the CPU"):
+        load(local_dir=root, device="cpu", text_encoder=fp8, text_encoder_mode="cpu", text_encoder_device="cuda",
+             progress=False)
