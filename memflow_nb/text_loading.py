@@ -45,7 +45,8 @@ from .precision import BF16_CAPABILITY, cuda_capability, resolve_dtype
 from .text_encoder import PromptEncoder, RelativeBias, RMSNorm, T5Config, Tokenizer, UMT5Encoder, Block, run_stack
 
 __all__ = ["MODES", "TextEncoderPlacement", "text_encoder_dtype", "choose_mode", "text_encoder_placement",
-           "TextEncoderFile", "read_text_encoder_file", "BlockwiseEncoder", "load_prompt_encoder"]
+           "TextEncoderFile", "encode_peak_bytes", "read_text_encoder_file", "BlockwiseEncoder",
+           "load_prompt_encoder"]
 
 MODES = ("gpu", "streamed", "cpu")
 FP8 = torch.float8_e4m3fn
@@ -184,6 +185,26 @@ class TextEncoderFile:
         return sum(_numel(s) for k, s in self.shapes.items() if k.startswith("blocks.0.")) * dtype.itemsize
 
 
+def encode_peak_bytes(cfg: T5Config, dtype: torch.dtype, lengths, *, weights: int = 0, text_len: int = 512) -> int:
+    """Estimated peak bytes of one trimmed `encode_all` where the encoder computes.
+
+    lengths: the prompts' token counts. weights: what the placement holds there meanwhile (all
+    weights when resident; one block widened to `dtype` when streamed, `TextEncoderFile.
+    block_bytes`; 0 for a streamed CPU encoder whose file already holds `dtype`: it uses the
+    mapped weights in place). While the blocks run: every prompt's hidden state, and the larger
+    of the longest prompt's attention (per head n x n: position bias, scores and their sum in
+    `dtype`, the float32 softmax and its float32 input) and its feed-forward (three n x dim_ffn).
+    Afterwards: the embeddings [B, text_len, dim] twice (the cache and the copy returned).
+    Checked against memflow_nb.live_bytes in tests/test_text_loading.py.
+    """
+    e, n = dtype.itemsize, max(lengths)
+    attention = (cfg.num_heads * n * n * (3 * e + 4 + (4 if dtype != torch.float32 else 0))
+                 + n * (2 * cfg.dim + 3 * cfg.dim_attn) * e)
+    ffn = n * (3 * cfg.dim_ffn + 2 * cfg.dim) * e
+    running = weights + sum(lengths) * cfg.dim * e + max(attention, ffn)
+    return max(running, 2 * len(lengths) * text_len * cfg.dim * e)
+
+
 def _numel(shape) -> int:
     n = 1
     for s in shape:
@@ -210,6 +231,11 @@ def read_text_encoder_file(path: str | os.PathLike, config: T5Config | None = No
     else:
         tensors = _tensors_only(read_checkpoint(path), path, "text encoder file")
         stored = {k: (v.dtype, tuple(v.shape)) for k, v in tensors.items()}
+    if "shared.weight" in stored or any(k.startswith("encoder.block.") for k in stored):
+        raise KeyMismatch(f"{path} uses Hugging Face T5 names (shared.weight, encoder.block.N...), as ComfyUI's "
+                          "own umt5_xxl files do; only Wan's names are read. Use Kijai's "
+                          "umt5-xxl-enc-fp8_e4m3fn.safetensors (WanVideo_comfy) or Wan's models_t5_umt5-xxl-enc-bf16.pth.",
+                          unexpected=sorted(stored)[:20])
     scales = {k[:-len(_SCALE_SUFFIX)] + ".weight": k for k in stored if k.endswith(_SCALE_SUFFIX)}
     weights = {k: v for k, v in stored.items() if not k.endswith(_SCALE_SUFFIX)}
     cfg = config or infer_t5_config({k: torch.empty(s, device="meta") for k, (_, s) in weights.items()}, source=path)
@@ -382,8 +408,10 @@ def load_prompt_encoder(path: str | os.PathLike, tokenizer_dir: str | os.PathLik
         encoder = BlockwiseEncoder(tensors, info.cfg, device=dev, dtype=dt, streamed=True)
     elif info.fp8:
         # Kept where it runs, one tensor at a time: fp8 linears (and their scales) as stored.
-        kept = {k: (v.to(dev) if v.dtype == FP8 or k.endswith(_SCALE_SUFFIX) else v.to(dev).to(dt))
-                for k, v in ((k, tensors[k]) for k in tensors)}
+        kept = {}
+        for k in tensors:
+            v = tensors[k].to(dev)
+            kept[k] = v if v.dtype == FP8 or k.endswith(_SCALE_SUFFIX) else v.to(dt)
         encoder = BlockwiseEncoder(kept, info.cfg, device=dev, dtype=dt, streamed=False)
     else:
         # Per tensor: to the device first, then cast, so the host never holds a widened copy.

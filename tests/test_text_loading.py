@@ -14,8 +14,9 @@ from memflow_nb.io import KeyMismatch
 from memflow_nb.live_bytes import LiveTensorBytes
 from memflow_nb.testing import recipe_weights
 from memflow_nb.text_encoder import T5Config, UMT5Encoder
-from memflow_nb.text_loading import (BlockwiseEncoder, TextEncoderPlacement, choose_mode, load_prompt_encoder,
-                                     read_text_encoder_file, text_encoder_dtype, text_encoder_placement)
+from memflow_nb.text_loading import (BlockwiseEncoder, TextEncoderPlacement, choose_mode, encode_peak_bytes,
+                                     load_prompt_encoder, read_text_encoder_file, text_encoder_dtype,
+                                     text_encoder_placement)
 
 # umT5-XXL's layout (24 blocks, ffn = 2.5 x dim, 32 buckets) at a width that writes in milliseconds.
 SMALL = T5Config(vocab=512, dim=128, dim_attn=128, dim_ffn=320, num_heads=4, num_layers=24, num_buckets=32)
@@ -136,6 +137,23 @@ def test_streamed_peak_host_memory_is_one_block(folder, bf16_pth):
     assert resident_live.peak["cpu"] > 2 * file_bytes * 0.95  # the contrast: a float32 copy of everything
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_encode_peak_estimate_matches_measurement(folder, bf16_pth, dtype):
+    info, _ = read_text_encoder_file(bf16_pth)
+    # A bf16 file computed in bf16 on the CPU is used in place (mapped); fp32 widens one block.
+    weights = info.block_bytes(dtype) if dtype != torch.bfloat16 else 0
+    text = load_prompt_encoder(bf16_pth, folder, "streamed", device="cpu", dtype=dtype)
+    for lengths in ([12], [250], [12, 120, 250]):
+        prompts = ["x" * (n - 1) for n in lengths]  # one token per byte, plus </s>
+        text.clear()
+        with LiveTensorBytes() as live:
+            text.encode_all(prompts)
+        want = encode_peak_bytes(SMALL, dtype, lengths, weights=weights)
+        got = live.peak["cpu"]
+        print(f"{dtype} {lengths}: estimated {want / 1e6:.3f} MB, measured {got / 1e6:.3f} MB")
+        assert abs(want - got) <= 0.15 * got, (lengths, want, got)
+
+
 # ------------------------------------------------------------------ the fp8 file
 
 
@@ -219,6 +237,12 @@ def test_fp8_file_refusals_name_the_key(folder, weights, tmp_path):
     bad_scale["blocks.0.attn.k.scale_weight"] = torch.ones(3)
     save_file(bad_scale, str(tmp_path / "d.safetensors"))
     _refused(tmp_path / "d.safetensors", "blocks.0.attn.k.scale_weight: a scale must be one float")
+
+
+def test_hugging_face_names_are_refused_with_the_reason(tmp_path):
+    save_file({"shared.weight": torch.zeros(8, 4), "encoder.block.0.layer.0.SelfAttention.q.weight": torch.zeros(4, 4),
+               "encoder.block.0.layer.0.SelfAttention.q.scale_weight": torch.ones(())}, str(tmp_path / "hf.safetensors"))
+    _refused(tmp_path / "hf.safetensors", "Hugging Face T5 names", "umt5-xxl-enc-fp8_e4m3fn.safetensors")
 
 
 def test_pth_with_a_wrong_shape_is_refused(folder, weights, tmp_path):
