@@ -10,7 +10,7 @@ Three placements (`TextEncoderPlacement.mode`):
   there, 6.7 GB, and widens one block's at a time when it runs).
 - "streamed": the weights stay in the memory-mapped file. Each block is copied to `device`,
   applied to every prompt of the batch, and dropped before the next one, so host memory never
-  holds a second copy and the GPU holds one block (0.5 GB in bf16) plus activations; the CUDA
+  holds a second copy and the GPU holds one block (0.39 GB in bf16) plus activations; the CUDA
   cache is emptied afterwards, before the DiT needs the memory. Also the default on a CPU that
   cannot hold a float32 copy: one block at a time in float32 beats emulated bf16 (USERS.md).
 - "cpu": every weight in host memory, in `dtype` (a bf16 `.pth` used in bf16 stays memory-mapped).
@@ -23,11 +23,11 @@ from public loaders (kijai/ComfyUI-WanVideoWrapper `nodes.py` LoadWanVideoT5Text
 WanTextEncoderWrapper, which loads it with a strict `load_state_dict` into Wan's `umt5_xxl`):
 Wan's 242 names; the 168 block linears (`attn.q/k/v/o`, `ffn.gate.0/fc1/fc2`) stored as
 float8_e4m3fn with no scale (a plain cast: 4.6 GB); the token embedding, the norms and the
-relative-position tables in bf16 (2.1 GB). The same file with a per-tensor float32
-`<linear>.scale_weight` (weight = fp8 * scale, the convention of ComfyUI's scaled-fp8 ops and
-Kijai's `_scaled` files) is read too. A file is checked from its header alone, before any tensor
-is read: missing, unexpected or mis-shaped keys, a dtype outside that layout and a missing scale
-are refused by name.
+relative-position tables in bf16 (2.1 GB; 6.73 GB in all, the size that file has). The same
+layout with a per-tensor float32 `<linear>.scale_weight` (weight = fp8 * scale, the convention of
+ComfyUI's scaled-fp8 ops and Kijai's `_scaled` files) is read too. A file is checked from its
+header alone, before any tensor is read: missing, unexpected or mis-shaped keys, a dtype outside
+that layout and a missing scale are refused by name.
 """
 from __future__ import annotations
 
