@@ -31,6 +31,7 @@ that layout and a missing scale are refused by name.
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ from torch import Tensor
 
 from .io import KeyMismatch, WeightsNotFound, _safetensors_header, _tensors_only, infer_t5_config, read_checkpoint
 from .precision import BF16_CAPABILITY, cuda_capability, resolve_dtype
+from .stream import _free_bytes  # free memory of a device: CUDA's, or MemAvailable on the CPU
 from .text_encoder import PromptEncoder, RelativeBias, RMSNorm, T5Config, Tokenizer, UMT5Encoder, Block, run_stack
 
 __all__ = ["MODES", "TextEncoderPlacement", "text_encoder_dtype", "choose_mode", "text_encoder_placement",
@@ -111,19 +113,6 @@ def choose_mode(device: str | torch.device, *, resident_bytes: int, free_bytes: 
     return resident if fits else "streamed"
 
 
-def _free_bytes(device: torch.device) -> int | None:
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    if device.type != "cpu":
-        return None
-    try:
-        with open("/proc/meminfo") as f:
-            info = dict(line.split(":", 1) for line in f)
-        return int(info["MemAvailable"].split()[0]) * 1024
-    except (OSError, KeyError, ValueError):
-        return None
-
-
 def _device_dtype(mode: str, device, dtype, capability=None) -> tuple[torch.device, torch.dtype]:
     if device is None:
         device = "cpu" if mode == "cpu" or not torch.cuda.is_available() else "cuda"
@@ -178,11 +167,11 @@ class TextEncoderFile:
 
     def resident_bytes(self, dtype: torch.dtype) -> int:
         """Bytes of all weights kept on a device: fp8 ones as stored, the rest in `dtype`."""
-        return sum(_numel(s) * (1 if self.dtypes[k] == FP8 else dtype.itemsize) for k, s in self.shapes.items())
+        return sum(math.prod(s) * (1 if self.dtypes[k] == FP8 else dtype.itemsize) for k, s in self.shapes.items())
 
     def block_bytes(self, dtype: torch.dtype) -> int:
         """Bytes of one block's weights widened to `dtype`: what a streamed encoder holds at once."""
-        return sum(_numel(s) for k, s in self.shapes.items() if k.startswith("blocks.0.")) * dtype.itemsize
+        return sum(math.prod(s) for k, s in self.shapes.items() if k.startswith("blocks.0.")) * dtype.itemsize
 
 
 def encode_peak_bytes(cfg: T5Config, dtype: torch.dtype, lengths, *, weights: int = 0, text_len: int = 512) -> int:
@@ -203,13 +192,6 @@ def encode_peak_bytes(cfg: T5Config, dtype: torch.dtype, lengths, *, weights: in
     ffn = n * (3 * cfg.dim_ffn + 2 * cfg.dim) * e
     running = weights + sum(lengths) * cfg.dim * e + max(attention, ffn)
     return max(running, 2 * len(lengths) * text_len * cfg.dim * e)
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n
 
 
 def read_text_encoder_file(path: str | os.PathLike, config: T5Config | None = None) -> tuple[TextEncoderFile, dict]:
@@ -257,7 +239,7 @@ def read_text_encoder_file(path: str | os.PathLike, config: T5Config | None = No
         dt, shape = stored[s]
         if weights.get(w, (None,))[0] != FP8:
             unexpected.append(f"{s} (a scale, but {w} is {'absent' if w not in weights else 'not fp8'})")
-        elif dt not in _HIGH or _numel(shape) != 1:
+        elif dt not in _HIGH or math.prod(shape) != 1:
             wrong.append(f"{s}: a scale must be one float (bf16/fp16/fp32), got {dt}{list(shape)}")
     fp8 = [k for k, (dt, _) in weights.items() if dt == FP8 and k in expected]
     lost = sorted(f"{k[:-len('.weight')]}{_SCALE_SUFFIX}" for k in fp8 if k not in scales) if scales else []
