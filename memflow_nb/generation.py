@@ -122,9 +122,12 @@ def generate(pipe, timeline: Timeline, *, seed: Optional[int] = None, height: Op
     (h, w), seed = start.size, start.seed
     state, vae_state = start.state, start.vae_state
     embeddings = Embeddings(lambda text: pipe.text([text]))
+    plan = list(_plan(timeline, start, total))
+    if hasattr(pipe.text, "encode_all"):  # in one batch: a streamed text encoder reads its file once
+        pipe.text.encode_all(list(dict.fromkeys(t for cc in plan for t in cc.texts)))
     bar = _progress(progress, total, start.chunk, getattr(pipe, "name", ""))
     try:
-        for cc in _plan(timeline, start, total):  # prompts are encoded only where a chunk needs them
+        for cc in plan:  # prompts are encoded only where a chunk needs them
             if state is None:
                 state = init_state(model, stream, embeddings(cc.conditioning)[None], height=h, width=w, seed=seed)
             elif cc.changed:

@@ -17,12 +17,14 @@ from pathlib import Path
 
 import torch
 
-from .engine.config import ModelConfig, StreamConfig
+from .engine.checks import stream_bytes
+from .engine.config import ModelConfig, StreamConfig, latent_size
 from .engine.model import CausalWanModel
-from .io import WeightsNotFound, load_dit, load_text_encoder, load_vae
+from .io import WeightsNotFound, load_dit, load_vae
 from .lora_stack import add_loras
 from .precision import DtypeLike, resolve_dtype
 from .text_encoder import PromptEncoder, T5Config, Tokenizer, UMT5Encoder
+from .text_loading import TextEncoderPlacement, load_prompt_encoder
 from .vae import VAEConfig, WanVAEDecoder
 
 __all__ = ["RepoFiles", "REPOS", "WeightPaths", "fetch_weights", "hf_download_command", "Pipeline", "load",
@@ -90,7 +92,7 @@ def _pattern_of(repo: RepoFiles, required: str) -> str:
 
 
 def fetch_weights(local_dir: str | os.PathLike | None = None, revision: str | dict | None = None, *,
-                  progress: bool = True) -> WeightPaths:
+                  progress: bool = True, skip: tuple[str, ...] = ()) -> WeightPaths:
     """Find MemFlow's files, downloading only what is missing, and return their paths.
 
     local_dir: a folder holding `Wan2.1-T2V-1.3B/` and `MemFlow/` (see docs/weights.md); complete
@@ -104,11 +106,14 @@ def fetch_weights(local_dir: str | os.PathLike | None = None, revision: str | di
     from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
     offline, folders, problems = _offline(), {}, []
+    # skip: files the caller has from elsewhere (e.g. the text encoder as an fp8 file).
+    repos = [RepoFiles(r.repo_id, r.folder, tuple(p for p in r.patterns if p not in skip),
+                       tuple(f for f in r.required if f not in skip)) for r in REPOS]
     was_disabled = are_progress_bars_disabled()
     if not progress:
         disable_progress_bars()
     try:
-        for repo in REPOS:
+        for repo in repos:
             rev = _revision_of(revision, repo)
             folder = Path(local_dir) / repo.folder if local_dir is not None else None
             reason = None
@@ -195,7 +200,8 @@ class Pipeline:
 
 def load(name: str = "memflow", *, local_dir: str | os.PathLike | None = None, revision: str | dict | None = None,
          device: str | torch.device | None = None, dtype: DtypeLike = "auto",
-         text_encoder_device: str | torch.device = "cpu", text_encoder_dtype: DtypeLike = torch.bfloat16,
+         text_encoder: str | os.PathLike | None = None, text_encoder_mode: str | TextEncoderPlacement = "auto",
+         text_encoder_device: str | torch.device | None = None, text_encoder_dtype: DtypeLike = "auto",
          merged_cache_dir: str | os.PathLike | None = None, progress: bool = True, seed: int = 0,
          loras=()) -> Pipeline:
     """Load a ready pipeline.
@@ -206,7 +212,12 @@ def load(name: str = "memflow", *, local_dir: str | os.PathLike | None = None, r
     device: for the DiT and the VAE (default "cuda" when available).
     dtype: theirs; "auto" (the default) is bf16 on CUDA capability >= 8.0, fp16 below (a T4),
         float32 on the CPU (see `memflow_nb.precision.choose_dtype`). An explicit dtype wins.
-    text_encoder_device / _dtype: the 11 GB umT5 encoder; its outputs are moved to `device`.
+    text_encoder: another umT5 file instead of Wan's bf16 `.pth` (which is then not downloaded),
+        e.g. Kijai's `umt5-xxl-enc-fp8_e4m3fn.safetensors` (6.7 GB; see memflow_nb.text_loading).
+    text_encoder_mode: "auto" (on a GPU: kept there when it fits, else streamed block by block
+        from the file; on a CPU: streamed unless a float32 copy fits), "gpu", "streamed", "cpu",
+        or a TextEncoderPlacement. text_encoder_device (default `device`) / _dtype ("auto": bf16
+        on CUDA >= 8.0, float32 elsewhere): where and in what it computes. Embeddings go to `device`.
     merged_cache_dir: keep the LoRA-merged DiT there so the next load skips the merge.
     seed: weight seed of the "tiny" pipeline (ignored otherwise).
     loras: user LoRAs [(path.safetensors, scale), ...], merged on top of MemFlow's own; their scales
@@ -214,14 +225,14 @@ def load(name: str = "memflow", *, local_dir: str | os.PathLike | None = None, r
     """
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = resolve_dtype(dtype, device)
-    text_encoder_dtype = resolve_dtype(text_encoder_dtype, text_encoder_device, name="text_encoder_dtype")
     if name == "tiny":
         pipe = _tiny(seed, device, dtype)
         add_loras(pipe.model, loras)
         return pipe
     if name != "memflow":
         raise ValueError(f"unknown pipeline {name!r}; known: 'memflow', 'tiny'")
-    paths = fetch_weights(local_dir, revision, progress=progress)
+    paths = fetch_weights(local_dir, revision, progress=progress,
+                          skip=("models_t5_umt5-xxl-enc-bf16.pth",) if text_encoder is not None else ())
     from tqdm.auto import tqdm
 
     with tqdm(total=3, desc="loading MemFlow", disable=not progress) as bar:
@@ -231,8 +242,12 @@ def load(name: str = "memflow", *, local_dir: str | os.PathLike | None = None, r
         add_loras(model, loras)
         bar.update()
         bar.set_postfix_str("text encoder")
-        text = load_text_encoder(paths.text_encoder, paths.tokenizer_dir, device=text_encoder_device,
-                                 dtype=text_encoder_dtype, output_device=device)
+        # "auto" keeps it on the GPU only if a 480x832 stream still fits beside it (the DiT is loaded).
+        reserve = stream_bytes(model.cfg, StreamConfig(), latent_size(480, 832), elem=dtype.itemsize)
+        text = load_prompt_encoder(text_encoder or paths.text_encoder, paths.tokenizer_dir, text_encoder_mode,
+                                   device=text_encoder_device or (None if text_encoder_mode == "cpu" else device),
+                                   dtype=text_encoder_dtype,
+                                   reserve_bytes=reserve, output_device=device)
         bar.update()
         bar.set_postfix_str("VAE")
         vae = load_vae(paths.vae, device=device, dtype=dtype)

@@ -1,4 +1,4 @@
-"""umT5-XXL text encoder, its tokenizer, and a per-prompt embedding cache.
+"""umT5-XXL text encoder and a per-prompt embedding cache (the tokenizer: `memflow_nb.tokenizer`).
 
 MemFlow conditions the DiT on the encoder output of umT5-XXL (the encoder half of T5 v1.1 with
 per-layer relative position tables). Parameter names equal the Wan2.1 checkpoint
@@ -7,29 +7,30 @@ per-layer relative position tables). Parameter names equal the Wan2.1 checkpoint
     cfg = T5Config.from_name("umt5-xxl")
     encoder = UMT5Encoder.from_state_dict(state_dict, cfg, dtype=torch.bfloat16)
     tokenizer = Tokenizer("Wan2.1-T2V-1.3B/google/umt5-xxl")
-    prompts = PromptEncoder(encoder, tokenizer, device="cuda")
+    prompts = PromptEncoder(encoder, tokenizer, device="cuda", trim=True)
     emb = prompts(["a cat on a skateboard"])     # [1, 512, 4096], rows after </s> are 0
     prompts.offload()                             # free the 11 GB on the GPU
+
+Where the encoder lives (GPU, streamed block by block from its file, CPU) and the fp8 file:
+`memflow_nb.text_loading`.
 """
 from __future__ import annotations
 
 import dataclasses
-import html
 import math
-import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from .engine.config import ModelConfig
+from .tokenizer import Tokenizer, clean_text  # re-exported: they belong to this encoder
 
 __all__ = [
     "T5Config",
     "T5_PRESETS",
     "UMT5Encoder",
     "relative_position_buckets",
+    "run_stack",
     "clean_text",
     "Tokenizer",
     "encode_prompts",
@@ -186,11 +187,17 @@ class RelativeBias(nn.Module):
 
 
 def _clamp_fp16(x: Tensor) -> Tensor:
-    # T5 activations grow past the fp16 range; keep them finite (no-op for fp32 and bf16).
-    if x.dtype == torch.float16:
-        big = torch.finfo(torch.float16).max - 1000
-        x = x.clamp(-big, big)
-    return x
+    """Wan's T5 fp16 guard: once a residual sum has overflowed to inf somewhere, clamp the whole
+    tensor to +-(fp16 max - 1000); otherwise leave it as is. No-op for fp32 and bf16.
+
+    umT5 activations outgrow the fp16 range; Wan applies this after both residual adds of every
+    block (`T5SelfAttention.forward`), and so does `Block` here. `torch.where` instead of Wan's
+    Python `if` keeps it free of a GPU->CPU sync; the values are the same.
+    """
+    if x.dtype != torch.float16:
+        return x
+    big = torch.finfo(torch.float16).max - 1000
+    return torch.where(torch.isinf(x).any(), x.clamp(-big, big), x)
 
 
 class Block(nn.Module):
@@ -250,178 +257,144 @@ class UMT5Encoder(nn.Module):
         Padded positions are still computed (they are zeroed later by `encode_prompts`); they are
         only hidden as keys.
         """
-        cfg = self.cfg
-        x = self.token_embedding(ids)
-        buckets = relative_position_buckets(ids.shape[1], cfg.num_buckets, cfg.max_distance, ids.device)
+        return run_stack(self.cfg, [self.token_embedding(ids)], [mask], self.blocks.__getitem__,
+                         self.pos_embedding, self.norm)[0]
+
+    def forward_each(self, ids: list[Tensor]) -> list[Tensor]:
+        """Unpadded prompts, each at its own length: ids [1, n_i] -> hidden [1, n_i, dim] each."""
+        return run_stack(self.cfg, [self.token_embedding(i) for i in ids], [None] * len(ids),
+                         self.blocks.__getitem__, self.pos_embedding, self.norm)
+
+
+def run_stack(cfg: T5Config, xs: list[Tensor], masks: list[Tensor | None], block_at,
+              shared_pos: RelativeBias | None, norm: RMSNorm) -> list[Tensor]:
+    """The encoder after its token embedding, over several sequences: xs [B_j, L_j, dim] with
+    masks [B_j, L_j] (or None: every position real) -> hidden [B_j, L_j, dim] each.
+
+    block_at(i) returns block i: the resident encoder's own module, or one a streamed encoder
+    has just made from its file, so both run exactly the same operations. Each block is applied
+    to every sequence, then dropped before the next one is asked for: a streamed encoder holds
+    one block at a time however many prompts it encodes.
+    """
+    prep = []
+    for x, mask in zip(xs, masks):
+        buckets = relative_position_buckets(x.shape[1], cfg.num_buckets, cfg.max_distance, x.device)
         # finfo.min rather than -inf so that a row with every key padded gives a uniform
         # softmax instead of NaN.
         key_pad = None if mask is None else (mask == 0)[:, None, None, :]  # [B, 1, 1, L]
-        shared = self.pos_embedding(buckets) if cfg.shared_pos else None
-        for block in self.blocks:
+        prep.append((buckets, key_pad, shared_pos(buckets) if cfg.shared_pos else None))
+    xs = list(xs)
+    for i in range(cfg.num_layers):
+        block = block_at(i)
+        for j, (buckets, key_pad, shared) in enumerate(prep):
+            x = xs[j]
             bias = (shared if cfg.shared_pos else block.pos_embedding(buckets)).to(x.dtype)
             if key_pad is not None:
                 bias = bias.masked_fill(key_pad, torch.finfo(x.dtype).min)
-            x = block(x, bias)
-        return self.norm(x)
-
-
-# --------------------------------------------------------------------------------------------
-# Tokenizer
-
-
-def clean_text(text: str) -> str:
-    """Wan's 'whitespace' cleaning: fix mojibake, undo (double) HTML escaping, collapse whitespace."""
-    import ftfy  # imported here so the encoder itself needs only torch
-
-    text = ftfy.fix_text(text)
-    # Twice, because scraped captions are often escaped twice ("&amp;amp;").
-    text = html.unescape(html.unescape(text))
-    return " ".join(text.split())
-
-
-class Tokenizer:
-    """umT5 tokenizer from a folder holding `tokenizer.json` (e.g. Wan's `google/umt5-xxl`).
-
-    Mirrors `AutoTokenizer(..., padding="max_length", truncation=True, max_length=text_len,
-    add_special_tokens=True)`: each prompt ends in `</s>`, long prompts lose their tail (the
-    `</s>` is kept), and rows are right-padded with `<pad>`.
-    """
-
-    eos_token = "</s>"
-    pad_token = "<pad>"
-
-    def __init__(self, path: str | Path, text_len: int = ModelConfig.text_len, *, clean: bool = True):
-        path = Path(path)
-        file = path if path.suffix == ".json" else path / "tokenizer.json"
-        if not file.is_file():
-            raise FileNotFoundError(f"tokenizer folder {file.parent} has no {file.name}"
-                                    + ("" if file.parent.is_dir() else " (the folder does not exist)"))
-        import tokenizers
-
-        tok = tokenizers.Tokenizer.from_file(str(file))
-        # We truncate and pad ourselves, so that truncation can be counted and reported.
-        tok.no_truncation()
-        tok.no_padding()
-        self._tok, self.text_len, self.clean = tok, int(text_len), clean
-        self.eos_id, self.pad_id = (self._token_id(t) for t in (self.eos_token, self.pad_token))
-
-        # Does the post-processor already append </s>? (The HF umT5 tokenizer.json does, with a
-        # TemplateProcessing "$A </s>"; a bare tokenizer does not.) Then never add it twice.
-        proc = tok.post_processor
-        probe = tok.encode("", add_special_tokens=False)
-        processed = tok.post_process(probe).ids if proc is not None else []
-        self._eos_from_processor = processed[-1:] == [self.eos_id]
-        self._num_special = (len(processed) if proc is not None else 0) + (not self._eos_from_processor)
-        if self._num_special >= self.text_len:
-            raise ValueError(f"text_len={self.text_len} leaves no room for text after {self._num_special} special tokens")
-
-    def _token_id(self, token: str) -> int:
-        i = self._tok.token_to_id(token)
-        if i is None:
-            raise ValueError(f"tokenizer has no {token!r} token")
-        return i
-
-    @property
-    def vocab_size(self) -> int:
-        return self._tok.get_vocab_size(with_added_tokens=True)
-
-    def count(self, prompts: str | list[str]) -> list[int]:
-        """Tokens each prompt has before truncation, special tokens (`</s>`) included: the
-        encoder reads at most `text_len` of them."""
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        texts = [clean_text(p) if self.clean else p for p in prompts]
-        return [len(e.ids) + self._num_special for e in self._tok.encode_batch(texts, add_special_tokens=False)]
-
-    def __call__(self, prompts: str | list[str]) -> tuple[Tensor, Tensor]:
-        """prompts (B strings) -> (ids int64 [B, text_len], mask int64 [B, text_len]).
-
-        mask is 1 on real tokens (the `</s>` included) and 0 on padding. Warns when a prompt is
-        truncated, naming how many tokens were dropped.
-        """
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        texts = [clean_text(p) if self.clean else p for p in prompts]
-        encodings = self._tok.encode_batch(texts, add_special_tokens=False)
-        ids = torch.full((len(texts), self.text_len), self.pad_id, dtype=torch.int64)
-        mask = torch.zeros((len(texts), self.text_len), dtype=torch.int64)
-        room = self.text_len - self._num_special  # content tokens that fit
-        for i, enc in enumerate(encodings):
-            dropped = len(enc.ids) - room
-            if dropped > 0:
-                warnings.warn(f"prompt {i} has {len(enc.ids) + self._num_special} tokens, more than "
-                              f"text_len={self.text_len}: its last {dropped} tokens were dropped "
-                              f"({prompts[i][:40]!r}...)", stacklevel=2)
-                enc.truncate(room)
-            row = self._tok.post_process(enc).ids if self._tok.post_processor is not None else enc.ids
-            if not self._eos_from_processor:
-                row = row + [self.eos_id]
-            ids[i, :len(row)] = torch.tensor(row, dtype=torch.int64)
-            mask[i, :len(row)] = 1
-        return ids, mask
+            xs[j] = block(x, bias)
+            del x, bias
+        del block
+    return [norm(x) for x in xs]
 
 
 # --------------------------------------------------------------------------------------------
 # Encoding prompts
 
 
-def _param_device(module: nn.Module) -> torch.device:
-    device = next(module.parameters()).device
+def _encoder_device(encoder) -> torch.device:
+    """Where an encoder computes: a module's parameters, or a streamed encoder's `device`."""
+    if not isinstance(encoder, nn.Module):
+        return torch.device(encoder.device)
+    device = next(encoder.parameters()).device
     if device.type == "meta":
         raise RuntimeError("the text encoder is on the meta device: load its weights first "
                            "(UMT5Encoder.from_state_dict or load_state_dict(..., assign=True))")
     return device
 
 
+def _movable(encoder) -> bool:
+    # A streamed encoder's weights stay in its file: there is nothing to move or offload.
+    return not getattr(encoder, "streamed", False)
+
+
 @torch.no_grad()
-def encode_prompts(encoder: UMT5Encoder, tokenizer: Tokenizer, prompts: list[str], *,
-                   device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Tensor:
+def encode_prompts(encoder, tokenizer: Tokenizer, prompts: list[str], *,
+                   device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+                   trim: bool = False) -> Tensor:
     """Prompt embeddings as MemFlow's DiT consumes them: [B, text_len, dim].
 
-    The encoder runs where its weights are; the result is moved to `device` / cast to `dtype`
-    (defaults: the encoder's). Rows at and after each prompt's true length (its `</s>` included)
-    are exactly 0, as in the official WanTextEncoder.
+    encoder: a UMT5Encoder, or anything with `.cfg`, `.device`, `(ids, mask) -> hidden` and
+    `forward_each` (the streamed encoder of `memflow_nb.text_loading`). It runs where its
+    weights are; the result is moved to `device` / cast to `dtype` (defaults: the encoder's).
+    Rows at and after each prompt's true length (its `</s>` included) are exactly 0, as in the
+    official WanTextEncoder.
+
+    trim=False runs all text_len (512) positions, padding included, as the official code does.
+    trim=True runs each prompt only over its own tokens (one sequence per prompt through each
+    block) and pads the output with zeros. The real rows do not depend on the padding after
+    them (relative positions, masked keys), so the numbers are those of the padded run up to
+    float32 rounding: the kernels sum in a different order at another length (measured: at most
+    3e-6 of the largest value, tests/test_text_encoder.py). A prompt's embedding then depends on
+    that prompt alone, never on which others share its batch.
     """
     ids, mask = tokenizer(prompts)
-    run_on = _param_device(encoder)
-    hidden = encoder(ids.to(run_on), mask.to(run_on))
-    lengths = mask.sum(1).to(run_on)
-    past_end = torch.arange(ids.shape[1], device=run_on)[None, :] >= lengths[:, None]  # [B, L]
-    # masked_fill, not a multiply: gives +0.0 even where hidden is negative or non-finite.
-    hidden = hidden.masked_fill(past_end[..., None], 0.0)
-    return hidden.to(device=device or run_on, dtype=dtype or hidden.dtype)
+    run_on = _encoder_device(encoder)
+    lengths = mask.sum(1)
+    if trim:
+        hidden = encoder.forward_each([ids[i:i + 1, :n].to(run_on) for i, n in enumerate(lengths.tolist())])
+        out = hidden[0].new_zeros(ids.shape[0], ids.shape[1], hidden[0].shape[-1])
+        for i, h in enumerate(hidden):
+            out[i, :h.shape[1]] = h[0]
+    else:
+        out = encoder(ids.to(run_on), mask.to(run_on))
+        past_end = torch.arange(ids.shape[1], device=run_on)[None, :] >= lengths.to(run_on)[:, None]  # [B, L]
+        # masked_fill, not a multiply: gives +0.0 even where hidden is negative or non-finite.
+        out = out.masked_fill(past_end[..., None], 0.0)
+    return out.to(device=device or run_on, dtype=dtype or out.dtype)
 
 
 class PromptEncoder:
     """Encode each distinct prompt once; later calls return the cached embeddings.
 
+    encoder: a UMT5Encoder (resident) or a streamed encoder (`memflow_nb.text_loading`).
     device: where embeddings are returned and kept (default: the encoder's device now).
     dtype: their dtype (default: the encoder's).
-    keep_on_cpu: run the encoder where it is (e.g. the CPU) and only move results to `device`.
-    Otherwise the encoder is moved to `device` when a new prompt needs encoding; call
-    `offload()` afterwards to move it back to the CPU (the real encoder is 11 GB in bf16).
+    trim: encode each prompt over its own tokens only (see `encode_prompts`; `load` turns it on).
+    keep_on_cpu: run a resident encoder where it is (e.g. the CPU) and only move results to
+    `device`. Otherwise it is moved to `device` when a new prompt needs encoding; `offload()`
+    moves it back to the CPU (the real encoder is 11 GB in bf16).
     """
 
-    def __init__(self, encoder: UMT5Encoder, tokenizer: Tokenizer, *, device: torch.device | str | None = None,
-                 dtype: torch.dtype | None = None, keep_on_cpu: bool = False):
-        self.encoder, self.tokenizer = encoder, tokenizer
-        self.device = torch.device(device) if device is not None else _param_device(encoder)
+    def __init__(self, encoder, tokenizer: Tokenizer, *, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None, keep_on_cpu: bool = False, trim: bool = False):
+        self.encoder, self.tokenizer, self.trim = encoder, tokenizer, trim
+        self.device = torch.device(device) if device is not None else _encoder_device(encoder)
         self.dtype = dtype
         self.keep_on_cpu = keep_on_cpu
         self._cache: dict[str, Tensor] = {}  # prompt -> [text_len, dim] on self.device
 
     def __call__(self, prompts: str | list[str]) -> Tensor:
-        """prompts (B strings) -> [B, text_len, dim] on `device`; only unseen prompts are encoded."""
+        """prompts (B strings) -> [B, text_len, dim] on `device`; only unseen prompts are encoded,
+        all of them in one batch."""
         if isinstance(prompts, str):
             prompts = [prompts]
         new = list(dict.fromkeys(p for p in prompts if p not in self._cache))  # distinct, in order
         if new:
-            if not self.keep_on_cpu and _param_device(self.encoder) != self.device:
+            if not self.keep_on_cpu and _movable(self.encoder) and _encoder_device(self.encoder) != self.device:
                 self.encoder.to(self.device)
-            emb = encode_prompts(self.encoder, self.tokenizer, new, device=self.device, dtype=self.dtype)
+            emb = encode_prompts(self.encoder, self.tokenizer, new, device=self.device, dtype=self.dtype,
+                                 trim=self.trim)
             self._cache.update(zip(new, emb))
         # stack copies, so editing the result cannot corrupt the cache
         return torch.stack([self._cache[p] for p in prompts])
+
+    def encode_all(self, texts: list[str]) -> Tensor:
+        """Encode every text of a timeline now, in one batch: [len(texts), text_len, dim].
+
+        Call it before generating, so that a streamed encoder reads its file once for all
+        prompts rather than once per prompt switch; later lookups come from the cache.
+        """
+        return self(list(texts))
 
     def __contains__(self, prompt: str) -> bool:
         return prompt in self._cache
@@ -434,8 +407,10 @@ class PromptEncoder:
         self._cache.clear()
 
     def offload(self) -> None:
-        """Move the encoder to the CPU and release the GPU memory it held; the cache stays."""
-        was_cuda = _param_device(self.encoder).type == "cuda"
-        self.encoder.to("cpu")
+        """Move the encoder to the CPU and release the GPU memory it held; the cache stays.
+        (A streamed encoder holds nothing between calls; this only releases the cache.)"""
+        was_cuda = _encoder_device(self.encoder).type == "cuda"
+        if _movable(self.encoder):
+            self.encoder.to("cpu")
         if was_cuda:
             torch.cuda.empty_cache()

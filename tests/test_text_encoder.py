@@ -14,7 +14,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import models, pre_tokenizers, processors
 
 from memflow_nb.testing import recipe_weights
-from memflow_nb.text_encoder import (PromptEncoder, T5Config, Tokenizer, UMT5Encoder, clean_text,
+from memflow_nb.text_encoder import (PromptEncoder, T5Config, Tokenizer, UMT5Encoder, _clamp_fp16, clean_text,
                                      encode_prompts, relative_position_buckets)
 
 DATA = Path(__file__).parent / "data"
@@ -306,3 +306,84 @@ def test_encode_on_meta_encoder_is_a_clear_error(tok):
                                    num_buckets=8))
     with pytest.raises(RuntimeError, match="meta device"):
         encode_prompts(enc, tok, ["a cat"])
+
+
+# ------------------------------------------------------------------ trimmed encoding
+
+
+def test_trimmed_encoding_matches_golden_and_padded(golden, tiny_encoder):
+    """Each prompt run over its own tokens only: the golden (official, 512 positions) holds."""
+    tensors, _ = golden
+    ids, mask = tensors["ids"], tensors["mask"]
+    lengths = mask.sum(1).tolist()
+    seen = []
+    hook = tiny_encoder.blocks[0].register_forward_hook(lambda m, args, out: seen.append(args[0].shape[1]))
+    try:
+        with torch.no_grad():
+            trimmed = tiny_encoder.forward_each([ids[i:i + 1, :n] for i, n in enumerate(lengths)])
+            padded = tiny_encoder(ids, mask)
+    finally:
+        hook.remove()
+    assert seen == lengths[:1] + lengths[1:2] + [512]  # really run at 17 and 140 positions
+    for i, n in enumerate(lengths):
+        assert trimmed[i].shape == (1, n, tiny_encoder.cfg.dim)
+        assert (trimmed[i][0] - tensors["hidden"][i, :n]).abs().max() <= GOLDEN_TOL
+        # Equal to the padded run up to float32 summation order (kernels pick another order
+        # at another length; measured 1e-6 relative here, 3e-6 over many lengths).
+        scale = padded[i, :n].abs().max()
+        assert (trimmed[i][0] - padded[i, :n]).abs().max() <= 1e-5 * scale
+
+
+def test_trimmed_equals_padded_encode_prompts(tok, tiny_encoder):
+    prompts = ["a cat", "Tom & Jerry a cat w1 w2", " ".join(f"w{i}" for i in range(150)), "<b>"]
+    trimmed = encode_prompts(tiny_encoder, tok, prompts, trim=True)
+    padded = encode_prompts(tiny_encoder, tok, prompts)
+    _, mask = tok(prompts)
+    assert trimmed.shape == padded.shape == (4, 512, tiny_encoder.cfg.dim)
+    for row, n in enumerate(mask.sum(1).tolist()):
+        assert bool((trimmed[row, n:] == 0).all()) and not bool(trimmed[row, n:].signbit().any())
+        assert (trimmed[row, :n] - padded[row, :n]).abs().max() <= 1e-5 * padded[row, :n].abs().max()
+    # A prompt's embedding depends on that prompt alone, not on the others in its batch.
+    alone = encode_prompts(tiny_encoder, tok, prompts[1:2], trim=True)
+    assert torch.equal(alone[0], trimmed[1])
+
+
+def test_prompt_encoder_trim_is_what_load_uses(tok, tiny_encoder):
+    cache = PromptEncoder(tiny_encoder, tok, device="cpu", trim=True)
+    emb = cache.encode_all(["a cat", "Tom & Jerry"])
+    assert torch.equal(emb, encode_prompts(tiny_encoder, tok, ["a cat", "Tom & Jerry"], trim=True))
+    assert "a cat" in cache and len(cache) == 2
+
+
+# ------------------------------------------------------------------ fp16
+
+
+def test_clamp_fp16_is_wans_guard():
+    big = torch.tensor(torch.finfo(torch.float16).max - 1000, dtype=torch.float16).item()  # 64512 in fp16
+    x = torch.tensor([65000.0, -3.0, 1.5], dtype=torch.float16)
+    assert torch.equal(_clamp_fp16(x), x)  # finite: left alone, as Wan's fp16_clamp does
+    y = torch.tensor([float("inf"), 65000.0, -float("inf"), 2.0], dtype=torch.float16)
+    assert _clamp_fp16(y).tolist() == [big, big, -big, 2.0]
+    z = torch.tensor([float("inf")], dtype=torch.bfloat16)
+    assert torch.isinf(_clamp_fp16(z)).all()  # only fp16 is guarded
+
+
+def test_golden_encoder_runs_finite_in_fp16(golden, recipe_shapes):
+    tensors, meta = golden
+    sd = recipe_weights(recipe_shapes, meta["weight_seed"])
+    enc = UMT5Encoder.from_state_dict(sd, T5Config.from_dict(meta["config"]), dtype=torch.float16)
+    with torch.no_grad():
+        hidden = enc(tensors["ids"], tensors["mask"])
+    assert hidden.dtype == torch.float16 and bool(torch.isfinite(hidden).all())
+    ref = tensors["hidden"]
+    assert (hidden.float() - ref).norm() / ref.norm() < 0.1
+    # An FFN whose output overflows fp16 (residual sum = inf) is clamped after the add, as in
+    # Wan's T5SelfAttention, so the following blocks and the final norm stay finite.
+    blown = dict(sd)
+    blown["blocks.0.ffn.fc2.weight"] = sd["blocks.0.ffn.fc2.weight"] * 3e4  # weights finite, outputs not
+    enc = UMT5Encoder.from_state_dict(blown, T5Config.from_dict(meta["config"]), dtype=torch.float16)
+    with torch.no_grad():
+        x = enc.token_embedding(tensors["ids"][:1, :17])
+        assert bool(torch.isinf(x + enc.blocks[0].ffn(enc.blocks[0].norm2(x))).any())  # it does overflow
+        out = enc(tensors["ids"][:1, :17])
+    assert bool(torch.isfinite(out).all())
