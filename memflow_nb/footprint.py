@@ -3,10 +3,13 @@
 Every formula follows what the eager code keeps alive; the docstring of each says where from.
 `memflow_nb.plan` adds them up per device and phase. At 480x832 in bf16 they give: DiT 1.42 B
 params = 2.84 GB; umT5-XXL 5.68 B params = 11.4 GB; stream state 3.88 GB; attention workspace
-15 frames = 4.31 GB; a chunk's peak above the state 7.49 GB; a prompt switch's 15.4 GB; VAE
+15 frames = 4.31 GB; a chunk's peak above the state 6.07 GB; a prompt switch's 3.79 GB; VAE
 decode caches 1.89 GB, decode peak 8.79 GB (6.38 per frame). Measured on an H200 (eager, bf16):
-3.84, 7.48, 15.33, 1.89, 8.49 and 6.10 GB; tests/test_plan.py holds the measurement and checks
-every estimate is within +5% of it, and `python -m memflow_nb.plan_check` measures again.
+3.84, 1.89, 8.49 and 6.10 GB for the state, decode caches and decode peaks; the chunk (7.48 GB)
+and switch (15.33 GB) were measured while the clean pass still held three copies of its keys
+and values and the re-cache kept a whole workspace: these formulas follow today's code, checked
+against the CPU allocator (tests/test_plan.py, within 3% from a 2-layer to a 30-layer model),
+and `python -m memflow_nb.plan_check` measures them again on a GPU.
 
 Notation: L layers, B batch, T tokens per latent frame, e bytes per element,
 frame_kv = keys + values of one latent frame in every layer = 2 * L * B * T * dim * e.
@@ -153,53 +156,57 @@ def workspace_frames(stream: StreamConfig) -> int:
 
 
 def _pass_bytes(cfg: ModelConfig, tokens: int, batch: int, elem: int) -> int:
-    """One layer's activations in a pass over `tokens` tokens: in model.Block.finish the residual,
-    the FFN input and its two hidden tensors, while q, k, v and the attention output stay alive in
-    Block.forward; plus the RoPE tables (2 x [tokens, head_dim/2] float32)."""
+    """One layer's activations at their peak in a pass over `tokens` tokens, the FFN of
+    model.Block.finish: its two hidden tensors [tokens, ffn_dim] while ten [tokens, dim] ones are
+    alive (the block input; q, k, v and the self-attention output, which Block.forward holds; the
+    residual after self-attention, the cross-attention queries and output, the residual after it
+    and the FFN input); plus the RoPE tables (2 x [tokens, head_dim/2] float32)."""
     n = batch * tokens
-    return n * (6 * cfg.dim + 2 * cfg.ffn_dim) * elem + 2 * tokens * (cfg.head_dim // 2) * 4
+    return n * (10 * cfg.dim + 2 * cfg.ffn_dim) * elem + 2 * tokens * (cfg.head_dim // 2) * 4
 
 
 def chunk_bytes(cfg: ModelConfig, stream: StreamConfig, latent_hw, batch: int, elem: int) -> dict[str, int]:
     """Extra bytes while `step` makes one chunk, above the state the caller holds.
 
-    workspace: the attention context written once per chunk (stream._Context._workspace).
-    new_kv: the clean pass records every layer's K/V of the chunk, stacks each layer's pair and then
-        stacks the layers (stream._clean_pass): three copies of chunk_frames x frame_kv at once,
-        or one layer's activations if those are larger.
+    workspace: the attention context written once per chunk (context.Workspace).
+    new_kv: the clean pass writes every layer's K/V of the chunk straight into one tensor of
+        chunk_frames x frame_kv (steps._clean_pass, context.PassKV), made before its first layer,
+        so one layer's activations come on top of it.
     compress: once the bank is full, the kept slots are gathered copies (memory.compress).
     latents: the noise and re-noise tensors of every step, x and x0.
     """
     n, fkv = stream.chunk_frames, frame_kv_bytes(cfg, latent_hw, batch, elem)
     T = tokens_per_frame(cfg, latent_hw)
     lat = _latent_frame_bytes(cfg, latent_hw, batch, elem) * n
-    new_kv = max(3 * n * fkv + batch * n * T * cfg.dim * elem, _pass_bytes(cfg, n * T, batch, elem))
-    return {"workspace": workspace_frames(stream) * fkv, "new_kv": new_kv,
+    return {"workspace": workspace_frames(stream) * fkv,
+            "new_kv": n * fkv + _pass_bytes(cfg, n * T, batch, elem),
             "compress": max(stream.bank_size - 1, 0) * fkv,
             "latents": (len(stream.denoising_steps) + 2) * lat}
+
+
+def recache_kept_frames(stream: StreamConfig) -> int:
+    """Frames a steady-state re-cache records: only those the cache keeps, the last prev_frames
+    (steps._kept_frames); the frames that take the sink's place and those before the window are
+    read by the re-cache pass alone."""
+    return stream.prev_frames
 
 
 def switch_bytes(cfg: ModelConfig, stream: StreamConfig, latent_hw, batch: int, elem: int) -> int:
     """Extra bytes of a prompt switch (`set_prompt`) in the steady state, above the held state.
 
-    The re-cache runs the last local_attn_size frames again: its workspace (sink + bank + window),
-    three copies of its n-frame K/V (as in `chunk_bytes`), the kept bank copies, the new prompt's
-    text K/V, and the tokens and RoPE tables of an n-frame pass.
+    The re-cache runs the last local_attn_size frames again in one pass: its workspace keeps one
+    layer at a time (sink + bank + window frames of one layer, `Workspace(one_pass=True)`), the
+    K/V of the frames the cache keeps go straight into one tensor (`recache_kept_frames`), then
+    the kept bank copies, the new prompt's text K/V, and one layer's activations of an n-frame pass.
+    The chunk after a switch is an ordinary one (`chunk_bytes`): the cache then keeps views of the
+    re-cache's tensor, which holds only the frames kept, no more storage than a steady window's.
     """
     n, fkv = stream.local_attn_size, frame_kv_bytes(cfg, latent_hw, batch, elem)
     T = tokens_per_frame(cfg, latent_hw)
     ws = stream.sink_size + stream.bank_size + (stream.local_attn_size - stream.sink_size)
     text_kv = 2 * cfg.num_layers * batch * cfg.text_len * cfg.dim * elem
-    tokens = batch * n * T * cfg.dim * elem + 2 * n * T * (cfg.head_dim // 2) * 4
-    return (ws + 3 * n + max(stream.bank_size - 1, 0)) * fkv + text_kv + tokens
-
-
-def after_switch_bytes(cfg: ModelConfig, stream: StreamConfig, latent_hw, batch: int, elem: int) -> int:
-    """Extra bytes of the chunk after a switch: the cache keeps views of the re-cache's n-frame
-    tensor until the window rolls past it (n - window frames more than usual), plus `chunk_bytes`."""
-    c, fkv = stream.chunk_frames, frame_kv_bytes(cfg, latent_hw, batch, elem)
-    held = (stream.local_attn_size - c * math.ceil(stream.prev_frames / c)) * fkv
-    return held + sum(chunk_bytes(cfg, stream, latent_hw, batch, elem).values())
+    kv = (recache_kept_frames(stream) + max(stream.bank_size - 1, 0)) * fkv
+    return ws * fkv // cfg.num_layers + kv + text_kv + _pass_bytes(cfg, n * T, batch, elem)
 
 
 def checkpoint_bytes(cfg: ModelConfig, stream: StreamConfig, latent_hw, batch: int, elem: int,

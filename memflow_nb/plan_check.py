@@ -126,7 +126,6 @@ def measure_pipeline(model, vae, stream: StreamConfig, height: int, width: int, 
         del x0
     torch.cuda.synchronize()
     phases = [sum(fp.chunk_bytes(cfg, stream, lat, 1, e).values()), fp.switch_bytes(cfg, stream, lat, 1, e),
-              fp.after_switch_bytes(cfg, stream, lat, 1, e),
               fp.vae_decode_bytes(vae.config, lat, 1, e, stream.chunk_frames, False, "cuda")]
     held = (fp.dit_weight_bytes(cfg, e) + fp.vae_weight_bytes(vae.config, e) + 2 * prompt_embeds.nbytes
             + fp.stream_state_bytes(cfg, stream, lat, 1, e) + fp.vae_cache_bytes(vae.config, lat, 1, e))

@@ -207,11 +207,10 @@ def _components(job: _Job, k: _Knobs) -> tuple[list[Component], int, int]:
                   "cache, bank, text K/V"),
         Component("attention workspace", on, dt, ch["workspace"], "chunk", f"{fp.workspace_frames(sc)} key frames"),
         Component("chunk keys/values", on, dt, ch["new_kv"] + ch["compress"] + ch["latents"], "chunk",
-                  "new K/V (3 copies), bank copies"),
+                  "new K/V, bank copies"),
     ]
     if job.prompt_switches:
-        rows.append(Component("prompt switch", on, dt, max(fp.switch_bytes(cfg, sc, lat, b, e),
-                                                           fp.after_switch_bytes(cfg, sc, lat, b, e)),
+        rows.append(Component("prompt switch", on, dt, fp.switch_bytes(cfg, sc, lat, b, e),
                               "prompt switch", f"re-cache of {sc.local_attn_size} frames"))
     if job.seconds:
         from .video import FPS

@@ -170,6 +170,20 @@ def test_set_prompt_does_not_touch_the_old_state(tiny_model):
     assert torch.equal(step(tiny_model, old)[1], step(tiny_model, old)[1])
 
 
+def test_a_recache_stores_only_the_frames_the_cache_keeps(tiny_model):
+    """The re-cache runs local_attn_size frames, but only the window the cache keeps is written,
+    into one tensor of exactly those frames (no storage kept for frames nobody reads)."""
+    states, _ = stream_states(tiny_model, 6)
+    old = states[6]
+    sc = old.stream
+    assert old.position > sc.local_attn_size  # a re-cache that leaves the sink alone
+    switched = set_prompt(tiny_model, old, tiny_prompt(9))
+    window = [kv for f, kv in switched.cache if f >= sc.sink_size]
+    assert len(window) == sc.prev_frames
+    assert len({kv.untyped_storage().data_ptr() for kv in window}) == 1
+    assert window[0].untyped_storage().nbytes() == sc.prev_frames * window[0].nbytes
+
+
 def test_unchanged_cache_frames_are_shared_not_copied(tiny_model):
     states, _ = stream_states(tiny_model, 6)
     a, b = dict(states[5].cache), dict(states[6].cache)

@@ -100,3 +100,22 @@ def test_workspace_in_a_shared_buffer_attends_like_its_own(tiny_model):
             ws.use(torch.randn(cfg.num_layers, 2, 1, (ws.n_frames + 4) * T, cfg.num_heads, cfg.head_dim))
         outs.append(tiny_model(x, t, state.text_kv, ws.rope_start, PassAttention(ws, "denoise", 0)))
     assert torch.equal(outs[0], outs[1])
+
+
+def test_clean_pass_into_a_given_tensor_equals_the_engines(tiny_model):
+    """What the CUDA-graph runner relies on: the clean pass writing every layer's keys/values into
+    a static tensor it was given gives the bits the engine's own clean pass returns."""
+    from memflow_nb.engine.context import PassAttention, PassKV, Workspace
+    from memflow_nb.engine.steps import _clean_pass, update_memory
+
+    states, outs = stream_states(tiny_model, 12)
+    state = update_memory(tiny_model, states[11])
+    p0, cfg = state.position, tiny_model.cfg
+    x0 = outs[11]
+    engine = _clean_pass(tiny_model, state, x0, Workspace(state, p0, p0 + 3, recompute=False), "clean", ())
+    ws = Workspace(state, p0, p0 + 3, recompute=False)
+    out = torch.full((cfg.num_layers, 2, 1, 3 * ws.T, cfg.num_heads, cfg.head_dim), float("nan"))
+    rec = PassKV(cfg.num_layers, ws.T, out=out)
+    t = torch.zeros(1, 3)
+    tiny_model(x0, t, state.text_kv, ws.rope_start, PassAttention(ws, "clean", -1, record=rec), need_output=False)
+    assert rec.kv is out and torch.equal(out, engine)

@@ -19,9 +19,9 @@ def test_the_bar_call_on_a_t4():
     p = plan(gpu_gb=15, host_gb=12.7, capability=(7, 5), height=480, width=832)
     assert p.dtype == torch.float16 and p.text_encoder_device == "streamed"
     assert isinstance(p.fits, bool) and p.peak_gpu_bytes > 10 * GB and 2 * GB < p.peak_host_bytes < 12.7 * GB
-    # The estimate says a T4 cannot hold a 480x832 stream; the message names the part, the amount and the fixes.
+    # The estimate says a T4 cannot hold a 480x832 stream; the message names the phase, the amount and the fixes.
     assert not p.fits
-    assert "GB over the 15.0 GB" in p.message and "prompt switch" in p.message
+    assert "GB over the 15.0 GB" in p.message and "at its peak (decode)" in p.message
     assert any("fp8 needs compute capability 8.9+" in f for f in p.fixes)
     size_fix = [f for f in p.fixes if f.startswith("height=")]
     assert size_fix and "(fits)" in size_fix[0]
@@ -53,6 +53,10 @@ def test_full_size_figures_match_the_reference_numbers():
 # above what was live for chunk 10 (a bank compress), a set_prompt, a steady decode_chunk whole and
 # per frame; "total": everything allocated over three chunks with a prompt switch and decodes
 # (DiT, VAE, two 512-token prompts, state, decode state). `python -m memflow_nb.plan_check` re-measures.
+# "chunk", "switch" and "total" were measured before the clean pass wrote its keys/values into
+# one tensor and the re-cache kept one layer's workspace: today's estimates must be below them
+# (the CPU tests below check those formulas against the allocator) until they are measured again.
+BEFORE_ONE_BUFFER = {"chunk", "switch", "total"}
 H200 = {(480, 832): dict(state=3841968184, vae_state=1888573440, chunk=7480967168, switch=15334703616,
                          decode=8485181952, decode_per_frame=6099005952, total=23864489984),
         (320, 576): dict(state=1826290744, vae_state=871649280, chunk=3453914112, switch=7128023552,
@@ -68,12 +72,17 @@ def test_full_size_estimates_against_the_h200_measurement(size):
                decode_per_frame=fp.vae_decode_bytes(vae, lat, 1, 2, 3, True))
     held = (fp.dit_weight_bytes(FULL, 2) + fp.vae_weight_bytes(vae, 2) + 2 * FULL.text_len * FULL.text_dim * 2
             + est["state"] + est["vae_state"])
-    est["total"] = held + max(est["chunk"], est["switch"], est["decode"], fp.after_switch_bytes(FULL, sc, lat, 1, 2))
+    est["total"] = held + max(est["chunk"], est["switch"], est["decode"])
     for key, measured in H200[size].items():
-        assert 1.0 <= est[key] / measured <= 1.05, (key, est[key], measured)  # never under, at most 5% over
+        if key in BEFORE_ONE_BUFFER:
+            assert est[key] < measured, (key, est[key], measured)
+        else:
+            assert 1.0 <= est[key] / measured <= 1.05, (key, est[key], measured)  # never under, at most 5% over
+    # The prompt switch was the largest term by far; a re-cache now needs less than a chunk.
+    assert est["switch"] < est["chunk"] < est["decode"]
     # The plan's own GPU peak adds the CUDA context and slack on top of the allocated total.
     p = plan(hardware=PRESETS["h200"], height=size[0], width=size[1], text_encoder_device="streamed")
-    assert p.peak_gpu_bytes > H200[size]["total"]
+    assert p.peak_gpu_bytes > est["total"]
 
 
 @pytest.mark.parametrize("size", [(64, 112), (96, 160), (128, 224)])
@@ -88,6 +97,36 @@ def test_estimates_within_15_percent_of_what_the_tiny_stream_allocates(size):
     assert [r["what"] for r in rows] == ["stream state", "chunk (workspace + keys/values)", "prompt switch"]
     for r in rows:
         assert 0.85 <= r["ratio"] <= 1.15, r
+
+
+def test_estimates_of_a_deep_tiny_model_where_keys_and_values_outweigh_activations():
+    """12 layers: as in Wan2.1 (30 layers), one chunk's keys/values of all layers outweigh one
+    layer's activations, so the peaks follow the K/V terms (one copy of the new keys/values; a
+    re-cache records only the frames the cache keeps and holds one layer's workspace)."""
+    model = make_tiny_model(num_layers=12)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randn(1, 20, model.cfg.text_dim, generator=g) for _ in range(2)]
+    stream = StreamConfig(record_interval=1, denoising_steps=(1000, 500))
+    rows = {r["what"]: r for r in measure_stream(model, stream, 64, 112, *prompts)}
+    for r in rows.values():
+        assert 0.9 <= r["ratio"] <= 1.1, r
+
+
+def test_init_state_refuses_a_stream_that_the_footprint_says_cannot_fit(monkeypatch):
+    import memflow_nb.engine.checks as checks
+    from memflow_nb.engine.steps import init_state
+
+    model = make_tiny_model()
+    sc, lat = StreamConfig(), (8, 14)
+    need = checks.stream_bytes(model.cfg, sc, lat, 1, 4)
+    phases = [sum(fp.chunk_bytes(model.cfg, sc, lat, 1, 4).values()), fp.switch_bytes(model.cfg, sc, lat, 1, 4)]
+    assert need == fp.stream_state_bytes(model.cfg, sc, lat, 1, 4) + max(phases)
+    prompt = torch.zeros(1, 20, model.cfg.text_dim)
+    monkeypatch.setattr(checks, "free_bytes", lambda device: need - 1)
+    with pytest.raises(ValueError, match=r"a 64x112 stream needs about .* use a smaller size"):
+        init_state(model, sc, prompt, height=64, width=112)
+    monkeypatch.setattr(checks, "free_bytes", lambda device: need)
+    assert init_state(model, sc, prompt, height=64, width=112).position == 0
 
 
 def test_vae_estimates_against_the_tiny_decoder():
@@ -110,8 +149,9 @@ def test_fp8_weight_bytes_match_a_converted_model():
 def test_fp8_is_refused_below_capability_8_9_and_counted_above():
     with pytest.raises(ValueError, match=r"fp8 needs compute capability 8\.9\+"):
         plan(gpu_gb=15, host_gb=12.7, capability=(7, 5), fp8_dit=True)
-    bf16 = plan(hardware=PRESETS["l4"], height=320, width=576)
-    fp8 = plan(hardware=PRESETS["l4"], height=320, width=576, fp8_dit=True)
+    # The text encoder pinned: with fp8 weights the 11.4 GB encoder would fit beside the DiT and be kept.
+    bf16 = plan(hardware=PRESETS["l4"], height=320, width=576, text_encoder_device="streamed")
+    fp8 = plan(hardware=PRESETS["l4"], height=320, width=576, fp8_dit=True, text_encoder_device="streamed")
     saved = bf16.peak_gpu_bytes - fp8.peak_gpu_bytes
     assert fp8.fp8_dit and 1.1 * GB < saved < 1.4 * GB  # the 1.26 B linear weights, 1 byte instead of 2
 
@@ -123,7 +163,7 @@ def test_plan_for_load_refuses_an_impossible_case_before_loading():
     msg = str(err.value)
     assert isinstance(err.value, ValueError) and err.value.plan.fits is False
     assert "does not fit on a 6 GB GPU" in msg and "GB over the 6.0 GB" in msg
-    assert "prompt switch 15.40 GB" in msg and "DiT weights 2.84 GB" in msg
+    assert "VAE decode workspace 6.38 GB" in msg and "DiT weights 2.84 GB" in msg
     fix = [line for line in msg.splitlines() if "height=" in line]
     assert "fixes:" in msg and fix and "(fits)" in fix[0]
     p = plan_for_load("memflow", "cuda", hardware=small_gpu, check=False)

@@ -54,15 +54,13 @@ def check_prompt_embeds(model, pe: torch.Tensor) -> torch.Tensor:
 
 def stream_bytes(cfg: ModelConfig, stream: StreamConfig, latent_hw: tuple[int, int], batch: int = 1,
                  elem: int = 2) -> int:
-    """Rough bytes a stream needs at this size: the state (sink, window, bank, pending, the chunk
-    being made), the attention workspace, and one pass's activations."""
-    _, ph, pw = cfg.patch_size
-    T = (latent_hw[0] // ph) * (latent_hw[1] // pw)
-    frame_kv = 2 * T * cfg.dim * cfg.num_layers * batch * elem
-    frames = stream.sink_size + stream.prev_frames + stream.bank_size + 1 + stream.chunk_frames
-    workspace = stream.sink_size + stream.bank_size + stream.prev_frames + stream.chunk_frames
-    activations = 6 * stream.chunk_frames * T * max(cfg.ffn_dim, cfg.dim) * batch * elem
-    return (frames + workspace) * frame_kv + activations
+    """Bytes a stream needs at this size: its steady state plus the larger peak of a chunk and of a
+    prompt switch above it (the formulas of `memflow_nb.footprint`, which the memory plan uses)."""
+    from .. import footprint as fp  # imported here: footprint reads the VAE and text-encoder configs too
+
+    chunk = sum(fp.chunk_bytes(cfg, stream, latent_hw, batch, elem).values())
+    switch = fp.switch_bytes(cfg, stream, latent_hw, batch, elem)
+    return fp.stream_state_bytes(cfg, stream, latent_hw, batch, elem) + max(chunk, switch)
 
 
 def free_bytes(device: torch.device) -> Optional[int]:
@@ -83,5 +81,6 @@ def check_memory(model, stream: StreamConfig, h: int, w: int, batch: int) -> Non
     need = stream_bytes(model.cfg, stream, (h, w), batch, p.element_size())
     free = free_bytes(p.device)
     if free is not None and need > free:
-        raise ValueError(f"a {h * 8}x{w * 8} stream needs about {need / 1e9:.1f} GB for its state and attention "
-                         f"workspace, but only {free / 1e9:.1f} GB is free on {p.device}; use a smaller size")
+        raise ValueError(f"a {h * 8}x{w * 8} stream needs about {need / 1e9:.1f} GB for its state and its largest "
+                         f"step (a chunk or a prompt switch), but only {free / 1e9:.1f} GB is free on {p.device}; "
+                         f"use a smaller size")

@@ -9,8 +9,11 @@ zeros (see `layout`).
 A `Workspace` holds those key frames for all layers in one buffer [L, 2, B, n_frames * T, H, D]:
 the cached and zero frames are written once per chunk, and each pass writes only its own frames'
 keys/values before attending. A chunk's denoising passes and its clean pass share one workspace
-(same frames, same bank). `memflow_nb.fast.graphs` replays passes over a workspace whose buffer
-it owns. The tests keep the slower path that concatenates the pieces on every pass as an oracle.
+(same frames, same bank). A workspace read by a single pass (the re-cache of a prompt switch)
+keeps one layer at a time instead (`one_pass`): each layer is read once, so the copies are the
+same and the buffer is L times smaller. `memflow_nb.fast.graphs` replays passes over a
+workspace whose buffer it owns. The tests keep the slower path that concatenates the pieces on
+every pass as an oracle.
 """
 from __future__ import annotations
 
@@ -57,8 +60,9 @@ class Workspace:
     `n_glob` leading frames (sink and bank) that SMA chooses from when `sma`.
     """
 
-    def __init__(self, state: State, p0: int, p1: int, recompute: bool):
+    def __init__(self, state: State, p0: int, p1: int, recompute: bool, *, one_pass: bool = False):
         self.state, self.p0, self.p1 = state, p0, p1
+        self.one_pass = one_pass
         self.rope_start = p0 - state.pos_offset
         self.T = state.tokens_per_frame
         self.sink, self.bank, self.local = layout(state, p0, p1, recompute)
@@ -67,15 +71,7 @@ class Workspace:
         self.n_glob = len(self.sink) + len(self.bank)
         self.sma = state.stream.sma and state.stream.sink_size > 0 and self.n_glob > 0
         self.fixed = tuple((i, val) for i, (kind, val) in enumerate(pieces) if kind != "cur")
-        runs: list[list[int]] = []
-        for i, (kind, j) in enumerate(pieces):
-            if kind != "cur":
-                continue
-            if runs and runs[-1][0] + runs[-1][2] == i and runs[-1][1] + runs[-1][2] == j:
-                runs[-1][2] += 1
-            else:
-                runs.append([i, j, 1])
-        self.runs = tuple(tuple(r) for r in runs)
+        self.runs = copy_runs((i, j) for i, (kind, j) in enumerate(pieces) if kind == "cur")
         self.buffer: Optional[torch.Tensor] = None
 
     def labels(self) -> tuple:
@@ -87,28 +83,39 @@ class Workspace:
 
     def use(self, buffer: torch.Tensor) -> None:
         """Keep the key frames in `buffer` [L, 2, B, >= n_frames * T, H, D]; writes the fixed frames."""
+        self._write_fixed(buffer, None)
+        self.buffer = buffer
+
+    def _write_fixed(self, buffer: torch.Tensor, layer: Optional[int]) -> None:
+        """The cached and zero frames into buffer [..., 2, B, frames * T, H, D]: every layer's, or one layer's."""
         T = self.T
         for i, frame_kv in self.fixed:
+            dst = buffer.narrow(-3, i * T, T)
             if frame_kv is None:
-                buffer[:, :, :, i * T:(i + 1) * T].zero_()
+                dst.zero_()
             else:
-                buffer[:, :, :, i * T:(i + 1) * T].copy_(frame_kv)
-        self.buffer = buffer
+                dst.copy_(frame_kv if layer is None else frame_kv[layer])
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backends=None,
                observers: Sequence[Observer] = (), info: Optional[PassInfo] = None) -> torch.Tensor:
         """Self-attention of this pass's q [B, Lq, H, D] (its keys/values k, v) over the key frames."""
         T = self.T
         if self.buffer is None:  # first use: now dtype and device are known
-            L = self.state.model_config.num_layers
             B, _, H, D = k.shape
-            self.use(k.new_empty(L, 2, B, self.n_frames * T, H, D))
-        ws = self.buffer
+            if self.one_pass:
+                self.buffer = k.new_empty(1, 2, B, self.n_frames * T, H, D)
+            else:
+                self.use(k.new_empty(self.state.model_config.num_layers, 2, B, self.n_frames * T, H, D))
+        if self.one_pass:
+            ws = self.buffer[0]
+            self._write_fixed(ws, layer)
+        else:
+            ws = self.buffer[layer]
         for dst, src, n in self.runs:
-            ws[layer, 0, :, dst * T:(dst + n) * T] = k[:, src * T:(src + n) * T]
-            ws[layer, 1, :, dst * T:(dst + n) * T] = v[:, src * T:(src + n) * T]
+            ws[0, :, dst * T:(dst + n) * T] = k[:, src * T:(src + n) * T]
+            ws[1, :, dst * T:(dst + n) * T] = v[:, src * T:(src + n) * T]
         end = self.n_frames * T
-        keys, values = ws[layer, 0, :, :end], ws[layer, 1, :, :end]
+        keys, values = ws[0, :, :end], ws[1, :, :end]
         return attend_keys(self, layer, q, keys, values, backends, observers, info)
 
 
@@ -127,14 +134,51 @@ def attend_keys(ws: Workspace, layer: int, q, keys, values, backends, observers,
     return sdpa(q, keys, values, backends)
 
 
+def copy_runs(pairs) -> tuple[tuple[int, int, int], ...]:
+    """(destination frame, source frame) pairs -> ((dst, src, count), ...): runs where both step by one."""
+    runs: list[list[int]] = []
+    for dst, src in pairs:
+        if runs and runs[-1][0] + runs[-1][2] == dst and runs[-1][1] + runs[-1][2] == src:
+            runs[-1][2] += 1
+        else:
+            runs.append([dst, src, 1])
+    return tuple(tuple(r) for r in runs)
+
+
+class PassKV:
+    """Collects a pass's keys/values of the pass frames `frames` (None: all) into one tensor `kv`
+    [L, 2, B, len(frames) * T, H, D], layer by layer as the pass runs: the only copy of them that
+    exists. `out`, when given, is that tensor (e.g. a CUDA graph's static one)."""
+
+    def __init__(self, num_layers: int, T: int, frames=None, out: Optional[torch.Tensor] = None):
+        self.num_layers, self.T, self.kv = num_layers, T, out
+        self.frames = None if frames is None else tuple(frames)
+        self.runs = None if frames is None else copy_runs(enumerate(self.frames))
+
+    def __call__(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v [B, f * T, H, D]: this layer's keys/values of the whole pass."""
+        T = self.T
+        if self.kv is None:
+            B, n, H, D = k.shape
+            frames = n // T if self.frames is None else len(self.frames)
+            self.kv = k.new_empty(self.num_layers, 2, B, frames * T, H, D)
+        if self.runs is None:
+            self.kv[layer, 0].copy_(k)
+            self.kv[layer, 1].copy_(v)
+            return
+        for dst, src, n in self.runs:
+            self.kv[layer, 0, :, dst * T:(dst + n) * T].copy_(k[:, src * T:(src + n) * T])
+            self.kv[layer, 1, :, dst * T:(dst + n) * T].copy_(v[:, src * T:(src + n) * T])
+
+
 class PassAttention(Attention):
     """The attention of one pass: self-attention over a workspace, cross-attention to the text.
 
-    Observers see both; `record`, when given, collects each layer's (k, v) of this pass.
+    Observers see both; `record` (a `PassKV`), when given, keeps each layer's keys/values of this pass.
     """
 
     def __init__(self, workspace: Workspace, kind: str, step: int, *, observers: Sequence[Observer] = (),
-                 backends=None, record: Optional[list] = None):
+                 backends=None, record: Optional[PassKV] = None):
         self.ws, self.backends, self.record = workspace, backends, record
         self.observers = tuple(observers)
         st = workspace.state
@@ -143,7 +187,7 @@ class PassAttention(Attention):
 
     def __call__(self, layer, q, k, v, need_output):
         if self.record is not None:
-            self.record.append((k, v))
+            self.record(layer, k, v)
         if not need_output:
             return None
         return self.ws.attend(layer, q, k, v, self.backends, self.observers, self.info)

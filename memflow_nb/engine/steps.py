@@ -29,7 +29,7 @@ import torch
 from . import memory as mem
 from .checks import check_memory, check_model, check_prompt_embeds, check_seed, check_state
 from .config import StreamConfig, latent_size
-from .context import PassAttention, Workspace
+from .context import PassAttention, PassKV, Workspace
 from .model import rotate_time
 from .noise import step_noise
 from .observers import Observer
@@ -156,10 +156,14 @@ def set_prompt(model, state: State, prompt_embeds: torch.Tensor, *,
     if s == 0:
         return new
     n = min(sc.local_attn_size, s)
+    p0, recompute = s - n, s - n > 0
     new = update_memory(model, new, observers=observers)
-    ws = Workspace(new, s - n, s, recompute=s - n > 0)
-    new_kv = _clean_pass(model, new, new.history[:, -n:], ws, "recache", observers)
-    return dataclasses.replace(new, cache=_merge_cache(new, new_kv, s - n, s, recompute=s - n > 0))
+    # Only the frames the cache keeps are recorded: the pass runs all n, but the frames under the
+    # sink and those before the window are read by this pass alone.
+    kept = _kept_frames(sc, p0, s, recompute)
+    ws = Workspace(new, p0, s, recompute=recompute, one_pass=True)
+    new_kv = _clean_pass(model, new, new.history[:, -n:], ws, "recache", observers, [f - p0 for f in kept])
+    return dataclasses.replace(new, cache=_merge_cache(new, new_kv, kept, s))
 
 
 @torch.no_grad()
@@ -203,14 +207,16 @@ def _graphs_for(model, ws: Workspace, observers):
     return graphs
 
 
-def _clean_pass(model, state: State, x0: torch.Tensor, ws: Workspace, kind: str, observers) -> KV:
-    """Run x0 at t = context_noise and return this pass's keys/values [L, 2, B, f*T, H, D]."""
+def _clean_pass(model, state: State, x0: torch.Tensor, ws: Workspace, kind: str, observers,
+                frames: Optional[Sequence[int]] = None) -> KV:
+    """Run x0 at t = context_noise; return this pass's keys/values of its frames `frames` (None: all)
+    [L, 2, B, len(frames)*T, H, D], written layer by layer into that one tensor."""
     B, f = x0.shape[:2]
-    rec: list = []
+    rec = PassKV(model.cfg.num_layers, state.tokens_per_frame, frames)
     t = torch.full((B, f), float(state.stream.context_noise), device=state.device, dtype=torch.float32)
     attend = PassAttention(ws, kind, -1, observers=observers, backends=model.attention_backends, record=rec)
     model(x0, t, state.text_kv, ws.rope_start, attend, need_output=False)
-    return torch.stack([torch.stack(kv) for kv in rec])
+    return rec.kv
 
 
 def _rotate_kv(kv: KV, delta) -> KV:
@@ -242,15 +248,19 @@ def _rebase(state: State, next_end: int) -> State:
     return dataclasses.replace(state, cache=cache, memory=memory, pos_offset=new)
 
 
-def _merge_cache(state: State, new_kv: KV, p0: int, p1: int, recompute: bool):
-    """Cache after writing frames [p0, p1): the sink and the last `prev_frames` frames before p1."""
+def _kept_frames(sc: StreamConfig, p0: int, p1: int, recompute: bool) -> list[int]:
+    """Frames of a pass over [p0, p1) that the cache holds after it: the sink and the last
+    `prev_frames` before p1. A re-cache never rewrites the sink slots (the official code protects them)."""
+    return [f for f in range(p0, p1)
+            if not (recompute and f < p0 + sc.sink_size) and (f < sc.sink_size or f >= p1 - sc.prev_frames)]
+
+
+def _merge_cache(state: State, new_kv: KV, held: Sequence[int], p1: int):
+    """Cache after a pass ending at frame p1 whose new_kv holds the frames `held`, in order:
+    the sink and the last `prev_frames` frames before p1."""
     sc, T = state.stream, state.tokens_per_frame
     frames = dict(state.cache)
-    for f in range(p0, p1):
-        # A re-cache never rewrites the sink slots (the official code protects them).
-        if recompute and f < p0 + sc.sink_size:
-            continue
-        j = f - p0
+    for j, f in enumerate(held):
         frames[f] = new_kv[:, :, :, j * T:(j + 1) * T]
     keep_from = p1 - sc.prev_frames
     return tuple(sorted((f, kv) for f, kv in frames.items() if f < sc.sink_size or f >= keep_from))
@@ -265,5 +275,5 @@ def _commit_chunk(state: State, new_kv: KV, x0: torch.Tensor) -> State:
         # The chunk's first latent frame becomes the prototype that enters the bank next chunk.
         memory = memory.with_record(p0, new_kv[:, :, :, :T].clone(), x0[:, 0], c // sc.record_interval + 1)
     hist = torch.cat([state.history, x0], dim=1)[:, -sc.local_attn_size:]
-    return dataclasses.replace(state, cache=_merge_cache(state, new_kv, p0, p0 + n, recompute=False),
-                               position=p0 + n, history=hist, memory=memory)
+    cache = _merge_cache(state, new_kv, range(p0, p0 + n), p0 + n)
+    return dataclasses.replace(state, cache=cache, position=p0 + n, history=hist, memory=memory)

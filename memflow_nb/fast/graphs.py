@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from ..engine.context import PassAttention, Workspace
+from ..engine.context import PassAttention, PassKV, Workspace
 from ..engine.model import rope_cos_sin
 
 
@@ -97,15 +97,17 @@ class PassGraphs:
     def _capture(self, ws: Workspace, x, kind, cos, sin) -> _Entry:
         sx, st = x.clone(), torch.zeros(x.shape[:2], device=x.device, dtype=torch.float32)
         scos, ssin = cos.clone(), sin.clone()
-        rec: list = []
+        rec = None
+        if kind == "clean":  # the clean pass writes its keys/values straight into one static tensor
+            L, _, B, _, H, D = self.buffer.shape
+            rec = PassKV(L, ws.T, out=self.buffer.new_empty(L, 2, B, x.shape[1] * ws.T, H, D))
         # No observers: a replay runs no Python, so `step` never replays while observers watch.
-        attend = PassAttention(ws, kind, -1, backends=self.backends, record=rec if kind == "clean" else None)
+        attend = PassAttention(ws, kind, -1, backends=self.backends, record=rec)
 
         def run():
-            rec.clear()
             out = self.forward(sx, st, self.text_kv, ws.rope_start, attend, need_output=kind != "clean",
                                rope=(scos, ssin))
-            return torch.stack([torch.stack(kv) for kv in rec]) if kind == "clean" else out
+            return rec.kv if kind == "clean" else out
 
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
