@@ -15,36 +15,21 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import time
 
 import torch
 
 from .config import ModelConfig, StreamConfig
+from .decode import decode_chunk, init_decode_state, to_uint8
+from .decode.vae import VAEConfig, WanVAEDecoder
 from .model import CausalWanModel, uncompile_model
-from .tae import decoder_fns
 from .stream import _Context, init_state, step, update_memory
-from .vae import VAEConfig, WanVAEDecoder, decode_chunk, init_decode_state, to_uint8
+from .weights import build
 
 
-def random_module(build, device, dtype, seed: int = 0):
-    """Build on meta, then fill with scaled normal weights on the device (like the golden recipe)."""
-    with torch.device("meta"):
-        m = build()
-    m = m.to_empty(device=device)
-    g = torch.Generator(device=device).manual_seed(seed)
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            p.normal_(generator=g)
-            if "modulation" in name:
-                p.mul_(0.1)
-            elif p.dim() == 1 and "norm" in name:
-                p.mul_(0.1).add_(1.0)
-            elif p.dim() == 1:
-                p.mul_(0.02)
-            else:
-                p.div_(math.sqrt(math.prod(p.shape[1:])))
-    return m.to(dtype).eval().requires_grad_(False)
+def random_module(build_fn, device, dtype, seed: int = 0):
+    """The golden recipe's random weights (memflow_nb.weights.build.random_module) on the device."""
+    return build.random_module(build_fn, seed, device=device, dtype=dtype)
 
 
 @contextlib.contextmanager
@@ -81,10 +66,10 @@ def _frames(chunk: int) -> int:
 def bench_case(model, vae, height, width, mode, chunks, warm_chunks, prompt, vae_per_frame=False):
     stream = StreamConfig(sma=mode == "fast")
     out = {"height": height, "width": width, "mode": mode, "decoder": type(vae).__name__}
-    init_decode_state, decode_chunk = decoder_fns(vae)
+    decode = decode_chunk
     if vae_per_frame and isinstance(vae, WanVAEDecoder):
         import functools
-        decode_chunk = functools.partial(decode_chunk, per_frame=True)
+        decode = functools.partial(decode_chunk, per_frame=True)
         out["vae_per_frame"] = True
     with attention_backend(mode):
         state = init_state(model, stream, prompt, height=height, width=width, seed=0)
@@ -92,7 +77,7 @@ def bench_case(model, vae, height, width, mode, chunks, warm_chunks, prompt, vae
         # Warm-up: compile every shape and reach the steady state (full bank, rolled window).
         for _ in range(warm_chunks):
             state, x0 = step(model, state)
-            _, vstate = decode_chunk(vae, x0, vstate)
+            _, vstate = decode(vae, x0, vstate)
         torch.cuda.synchronize()
         s0, v0 = state, vstate
         with _Timer() as t:
@@ -107,7 +92,7 @@ def bench_case(model, vae, height, width, mode, chunks, warm_chunks, prompt, vae
         with _Timer() as t:
             for _ in range(chunks):
                 state, x0 = step(model, state)
-                pixels, vstate = decode_chunk(vae, x0, vstate)
+                pixels, vstate = decode(vae, x0, vstate)
         out["e2e_ms_per_chunk"] = t.ms / chunks
         out["e2e_fps"] = 12 * chunks / (t.ms / 1000)
         out["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 1e9
@@ -119,12 +104,12 @@ def bench_case(model, vae, height, width, mode, chunks, warm_chunks, prompt, vae
                 side.wait_event(torch.cuda.current_stream().record_event())
                 with torch.cuda.stream(side):
                     x0.record_stream(side)
-                    pixels, vstate = decode_chunk(vae, x0, vstate)
+                    pixels, vstate = decode(vae, x0, vstate)
             torch.cuda.current_stream().wait_stream(side)
         out["e2e_overlap_fps"] = 12 * chunks / (t.ms / 1000)
         with _Timer() as t:
             for _ in range(chunks):
-                decode_chunk(vae, x0, vstate)
+                decode(vae, x0, vstate)
         out["vae_ms_per_chunk"] = t.ms / chunks
         # One DiT denoising pass in the steady state.
         st = update_memory(model, state)
@@ -149,7 +134,7 @@ def bench_case(model, vae, height, width, mode, chunks, warm_chunks, prompt, vae
             with _Timer() as t:
                 s = init_state(model, stream, prompt, height=height, width=width, seed=1)
                 s, x0 = step(model, s)
-                pixels, _ = decode_chunk(vae, x0, init_decode_state(vae))
+                pixels, _ = decode(vae, x0, init_decode_state(vae))
                 frames = to_uint8(pixels[0])
         out["first_chunk_ms"] = t.ms
         assert frames.shape[0] == 9
@@ -161,7 +146,7 @@ def load_test(device, dtype) -> dict:
     import os
     import tempfile
 
-    from .io import load_dit
+    from .weights import load_dit
 
     cfg = ModelConfig.from_name("wan2.1-t2v-1.3b")
     tmp = tempfile.mkdtemp()
@@ -227,7 +212,7 @@ def golden_check(path, device) -> dict:
 
 def vae_variants(vae, height, width) -> list[dict]:
     """Time the VAE decode of one steady-state chunk (3 latent frames) several ways."""
-    from . import vae as vae_mod
+    from .decode import vae as vae_mod
 
     lat = torch.randn(1, 3, 16, height // 8, width // 8, device="cuda", dtype=torch.bfloat16)
     out = []
@@ -283,7 +268,6 @@ def vae_variants(vae, height, width) -> list[dict]:
 def profile_chunk(model, vae, height, width, mode, prompt, path=None) -> str:
     """torch.profiler over two steady-state chunks (step + decode): the top GPU and CPU ops."""
     stream = StreamConfig(sma=mode == "fast")
-    init_decode_state, decode_chunk = decoder_fns(vae)
     with attention_backend(mode):
         state = init_state(model, stream, prompt, height=height, width=width, seed=0)
         vstate = init_decode_state(vae)
@@ -344,7 +328,7 @@ def main(argv=None) -> dict:
                       vae_variants(vae, *(int(x) for x in size.split("x")[::-1]))]
     from . import model as model_mod
     from .speed import optimize_model
-    from .vae import compile_vae
+    from .decode.vae import compile_vae
 
     for mode in args.modes.split(","):
         if mode == "eager":
@@ -360,7 +344,7 @@ def main(argv=None) -> dict:
             torch.backends.cudnn.benchmark = True
             compile_vae(vae)
         if mode == "fast":  # fast mode previews with the tiny decoder
-            from .tae import TAEConfig, TAEDecoder
+            from .decode.tae import TAEConfig, TAEDecoder
             decoder = random_module(lambda: TAEDecoder(TAEConfig()), dev, dtype, seed=2)
         if args.profile:
             w, h = (int(v) for v in args.profile.split("x"))

@@ -75,7 +75,7 @@ def _generate(args) -> int:
 
     from .config import latent_size
     from .generation import generate, render_size
-    from .hub import load
+    from .pipeline import load
     from .timeline import FPS
     from .video import VideoFile, _codec
 

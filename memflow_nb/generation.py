@@ -17,9 +17,9 @@ import torch
 
 from .stream import State, init_state, set_prompt, state_to, step
 from .conditioning import chunk_embeddings
-from .tae import decoder_fns
 from .timeline import Timeline
-from .vae import VAEDecodeState, to_uint8
+from .decode import decode_chunk as decode, init_decode_state as init_vae, to_uint8
+from .decode.vae import VAEDecodeState
 from .video import FPS
 
 
@@ -171,7 +171,6 @@ def generate(pipe, timeline: Timeline, *, seed: Optional[int] = None, height: Op
     if total < 1:
         raise ValueError(f"num_chunks={total} must be >= 1")
     dev = _device(pipe)
-    init_vae, decode = decoder_fns(vae)
     if start is None:
         seed = seed if seed is not None else (timeline.seed if timeline.seed is not None else 0)
         start = Checkpoint(0, None, init_vae(vae), int(seed), render_size(pipe, timeline, height, width))

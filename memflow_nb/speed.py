@@ -16,7 +16,7 @@ import torch
 from . import model as model_mod
 from .graphs import PassGraphs
 from .model import compile_model
-from .vae import compile_vae
+from .decode.vae import compile_vae
 
 
 def optimize_model(model, mode: str = "exact", graphs: bool = True):
@@ -45,7 +45,7 @@ def optimize(pipe, mode: str = "exact", graphs: bool = True, tae=None):
     graphs: replay DiT passes as CUDA graphs (a large win below 832x480, where launching kernels
         dominates; it keeps a workspace and activation pools resident, about 10 GB at 832x480;
         pass False to stay near 16 GB).
-    tae: fast mode only: a TAEDecoder (`memflow_nb.tae.load_tae()`) to use for previews instead
+    tae: fast mode only: a TAEDecoder (`memflow_nb.weights.load_tae()`) to use for previews instead
         of the Wan VAE (25x fewer FLOPs, lower quality).
     """
     optimize_model(pipe.model, mode, graphs)
