@@ -10,7 +10,7 @@ import torch
 import memflow_nb.generation as gen_mod
 from memflow_nb.cli import main as cli_main
 from memflow_nb.generation import Checkpoints, generate, generate_video, resume
-from memflow_nb.hub import load
+from memflow_nb.pipeline import load
 from memflow_nb.timeline import Timeline
 from memflow_nb.video import read_video, write_video
 

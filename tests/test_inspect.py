@@ -7,14 +7,15 @@ import memflow_nb.stream as stream_mod
 from memflow_nb.config import StreamConfig
 from memflow_nb.inspect import bank_history, bank_slots, bank_thumbnails, bank_timeline, record_attention
 from memflow_nb.stream import step
-from test_engine import stream_states
 
 
-def run(model, n_chunks, stream=StreamConfig()):
-    return stream_states(model, n_chunks, stream, hw=(48, 64))
+@pytest.fixture
+def run(stream_states):
+    """run(model, n_chunks, stream=StreamConfig()): the states and outputs of a 48x64 stream."""
+    return lambda model, n_chunks, stream=StreamConfig(): stream_states(model, n_chunks, stream, hw=(48, 64))
 
 
-def test_recording_changes_no_output_bit(tiny_model):
+def test_recording_changes_no_output_bit(tiny_model, run):
     states, plain = run(tiny_model, 6)
     with record_attention() as rec:
         _, recorded = run(tiny_model, 6)
@@ -30,7 +31,7 @@ def test_nothing_is_registered_when_off(tiny_model):
     assert stream_mod.RECORDERS == [] and model_mod.CROSS_OBSERVERS == []
 
 
-def test_pooled_mass_equals_brute_force_softmax(tiny_model, monkeypatch):
+def test_pooled_mass_equals_brute_force_softmax(tiny_model, monkeypatch, run):
     states, _ = run(tiny_model, 5)
     state = states[4]  # chunk 4: sink, two bank slots, rolled local window
     maps = []
@@ -63,7 +64,7 @@ def test_pooled_mass_equals_brute_force_softmax(tiny_model, monkeypatch):
     assert rec.peak_block_bytes == 3 * per_query_row
 
 
-def test_cross_attention_mass_is_a_distribution_over_text_tokens(tiny_model):
+def test_cross_attention_mass_is_a_distribution_over_text_tokens(tiny_model, run):
     states, _ = run(tiny_model, 2)
     with record_attention(layers=[1]) as rec:
         step(tiny_model, states[2])
@@ -73,7 +74,7 @@ def test_cross_attention_mass_is_a_distribution_over_text_tokens(tiny_model):
     assert torch.allclose(m.sum(-1), torch.ones(m.shape[:-1]), atol=1e-5)
 
 
-def test_sma_recording_scatters_selected_frames(tiny_model):
+def test_sma_recording_scatters_selected_frames(tiny_model, run):
     states, _ = run(tiny_model, 8, StreamConfig(sma=True))
     with record_attention(cross=False) as rec:
         step(tiny_model, states[8])
@@ -85,7 +86,7 @@ def test_sma_recording_scatters_selected_frames(tiny_model):
     assert torch.allclose(s.mass.sum(-1), torch.ones(s.mass.shape[:-1]), atol=1e-5)
 
 
-def test_recorded_bank_refreshes_follow_the_record_schedule(tiny_model):
+def test_recorded_bank_refreshes_follow_the_record_schedule(tiny_model, run):
     with record_attention(layers=[], cross=False) as rec:
         states, _ = run(tiny_model, 14)  # chunk 12 records frame 36; chunk 13 takes it in
     events = rec.memory_events
@@ -97,7 +98,7 @@ def test_recorded_bank_refreshes_follow_the_record_schedule(tiny_model):
     assert len(events) == len(states[-1].memory_log)
 
 
-def test_budget_caps_what_is_kept(tiny_model):
+def test_budget_caps_what_is_kept(tiny_model, run):
     states, _ = run(tiny_model, 3)
     with pytest.warns(UserWarning, match="budget"):
         with record_attention(max_bytes=2000) as rec:
@@ -108,7 +109,7 @@ def test_budget_caps_what_is_kept(tiny_model):
     assert not big.truncated and big.peak_block_bytes <= 1 << 20
 
 
-def test_layer_by_key_frame_view(tiny_model):
+def test_layer_by_key_frame_view(tiny_model, run):
     states, _ = run(tiny_model, 5)
     with record_attention() as rec:
         step(tiny_model, states[5])
@@ -117,9 +118,7 @@ def test_layer_by_key_frame_view(tiny_model):
     assert torch.allclose(mass.sum(-1), torch.ones(mass.shape[:2]), atol=1e-5)
 
 
-def test_bank_views(tiny_model):
-    from conftest import make_tiny_vae
-
+def test_bank_views(tiny_model, run, tiny_vae):
     states, _ = run(tiny_model, 14)
     s = states[-1]
     rows = bank_slots(s)
@@ -131,13 +130,13 @@ def test_bank_views(tiny_model):
     assert current == {(r["layer"], r["frame"]) for r in rows}
     tl = bank_timeline(s.memory_log, tiny_model.cfg.num_layers, 3)
     assert tl.shape == (len(s.memory_log), tiny_model.cfg.num_layers, 3) and tl[0, 0, 0] == 0
-    thumbs = bank_thumbnails(make_tiny_vae(), s)
+    thumbs = bank_thumbnails(tiny_vae, s)
     assert set(thumbs) == {f for f, _ in s.records}
     img = next(iter(thumbs.values()))
     assert img.shape == (48, 64, 3) and img.dtype.name == "uint8"
 
 
-def test_plots_render(tiny_model, tmp_path):
+def test_plots_render(tiny_model, tmp_path, run):
     import matplotlib
 
     matplotlib.use("Agg")

@@ -11,27 +11,25 @@ import torch
 
 import memflow_nb.model as model_mod
 import memflow_nb.stream as stream_mod
-from conftest import make_tiny_model
 from memflow_nb.config import StreamConfig
 from memflow_nb.generation import generate
-from memflow_nb.hub import load
+from memflow_nb.pipeline import load
 from memflow_nb.stream import init_state, set_prompt, step
 from memflow_nb.timeline import Timeline
-from test_engine import tiny_prompt
 
 
 # -- streams past the RoPE table --------------------------------------------------------------------
 
-def run_chunks(model, n, stream, hw=(32, 32), seed=0):
-    state = init_state(model, stream, tiny_prompt(0), height=hw[0], width=hw[1], seed=seed)
-    outs = []
-    for _ in range(n):
-        state, x0 = step(model, state)
-        outs.append(x0)
-    return state, outs
+@pytest.fixture
+def run_chunks(stream_states):
+    """run_chunks(model, n, stream): (the state after n chunks of a 32x32 stream, their outputs)."""
+    def run(model, n, stream, hw=(32, 32), seed=0):
+        states, outs = stream_states(model, n, stream, hw=hw, seed=seed, prompt_seed=0)
+        return states[-1], outs
+    return run
 
 
-def test_rebasing_keeps_window_attention_exact():
+def test_rebasing_keeps_window_attention_exact(run_chunks, make_tiny_model):
     """With window-only attention (no sink, no bank) only relative positions matter, so a stream
     re-based many times equals one with an unlimited position table."""
     stream = StreamConfig(sink_size=0, bank_size=0, local_attn_size=6)
@@ -43,7 +41,7 @@ def test_rebasing_keeps_window_attention_exact():
     assert max((x - y).abs().max().item() for x, y in zip(a, b)) < 1e-4
 
 
-def test_positions_never_pass_the_table(monkeypatch):
+def test_positions_never_pass_the_table(monkeypatch, run_chunks, tiny_prompt, make_tiny_model):
     model = make_tiny_model(rope_max_positions=24)
     seen = []
     real = model_mod.rope_cos_sin
@@ -61,17 +59,19 @@ def test_positions_never_pass_the_table(monkeypatch):
 
 
 LONG_RUN = textwrap.dedent("""
-    import gc, json, os, sys
+    import dataclasses, gc, json, os
     import torch
-    sys.path.insert(0, "tests")
-    from conftest import make_tiny_model, make_tiny_vae
-    from test_engine import tiny_prompt
-    from memflow_nb.config import StreamConfig
+    from memflow_nb.config import ModelConfig, StreamConfig
+    from memflow_nb.decode import VAEConfig, WanVAEDecoder, decode_chunk, init_decode_state
+    from memflow_nb.model import CausalWanModel
     from memflow_nb.stream import init_state, step
-    from memflow_nb.vae import decode_chunk, init_decode_state
-    model = make_tiny_model(rope_max_positions=64)
-    vae = make_tiny_vae()
-    state = init_state(model, StreamConfig(), tiny_prompt(0), height=32, width=32, seed=1)
+    from memflow_nb.weights import random_module
+    cfg = dataclasses.replace(ModelConfig.from_name("tiny"), rope_max_positions=64)
+    model = random_module(lambda: CausalWanModel(cfg))
+    vae = random_module(lambda: WanVAEDecoder(VAEConfig(dim=8)))
+    prompt = torch.randn(1, 512, cfg.text_dim, generator=torch.Generator().manual_seed(0))
+    prompt[:, 7:] = 0  # the tiny_prompt fixture's prompt 0
+    state = init_state(model, StreamConfig(), prompt, height=32, width=32, seed=1)
     vstate = init_decode_state(vae)
     frames, state_bytes, rss, live = 0, [], [], []
     for c in range(200):
@@ -147,7 +147,7 @@ def test_interrupt_mid_chunk_keeps_yielded_frames_and_resumes_exactly(monkeypatc
     assert len(got) == len(reference) and all(np.array_equal(a, b) for a, b in zip(got, reference))
 
 
-def test_interrupted_step_leaves_the_state_usable(tiny_model, monkeypatch):
+def test_interrupted_step_leaves_the_state_usable(tiny_model, monkeypatch, run_chunks):
     state, _ = run_chunks(tiny_model, 4, StreamConfig())
     before = step(tiny_model, state)[1]
     monkeypatch.setattr(stream_mod, "RECORDERS", [Interrupter(at=4)])
@@ -163,19 +163,19 @@ def test_interrupted_step_leaves_the_state_usable(tiny_model, monkeypatch):
     (0, 64, "height=0"), (64, -16, "width=-16"), (100, 64, "not divisible by 16"),
     ("480", 64, "height='480'"), (16 * 4096, 16 * 4096, "GB is free"),
 ])
-def test_absurd_resolutions_fail_before_allocating(tiny_model, height, width, message):
+def test_absurd_resolutions_fail_before_allocating(tiny_model, height, width, message, tiny_prompt):
     with pytest.raises(ValueError, match=message):
         init_state(tiny_model, StreamConfig(), tiny_prompt(0), height=height, width=width)
 
 
 @pytest.mark.parametrize("seed, error", [(-1, ValueError), (2 ** 63, ValueError), ("7", TypeError),
                                          (1.5, TypeError), (True, TypeError)])
-def test_seeds_outside_the_generator_range(tiny_model, seed, error):
+def test_seeds_outside_the_generator_range(tiny_model, seed, error, tiny_prompt):
     with pytest.raises(error, match="seed"):
         init_state(tiny_model, StreamConfig(), tiny_prompt(0), height=32, width=32, seed=seed)
 
 
-def test_nan_prompt_embeddings_are_refused(tiny_model):
+def test_nan_prompt_embeddings_are_refused(tiny_model, tiny_prompt):
     pe = tiny_prompt(0)
     pe[0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):

@@ -7,6 +7,7 @@ import gc
 import json
 import os
 import pickle
+import re
 import shutil
 from pathlib import Path
 
@@ -24,8 +25,8 @@ from memflow_nb.stream import init_state, step
 from memflow_nb.text_encoder import T5_PRESETS, T5Config, UMT5Encoder
 from memflow_nb.weights import (REPOS, KeyMismatch, UnsafeCheckpoint, WeightsCorrupt, WeightsNotFound,
                                 check_state_dict, fetch_weights, infer_dit_config, infer_t5_config, load_dit,
-                                load_text_encoder, load_vae, merge_lora, meta_shapes, read_checkpoint,
-                                recipe_weights)
+                                load_text_encoder, load_vae, merge_lora, meta_shapes, random_module,
+                                read_checkpoint, recipe_weights)
 from memflow_nb.weights.dit import dit_state_dict, lora_state_dict
 
 DATA = Path(__file__).parent / "data"
@@ -519,3 +520,37 @@ def test_tiny_pipeline_is_reproducible_and_seeded():
     assert torch.equal(a.text(["x"]), b.text(["x"])) and not torch.equal(a.text(["x"]), c.text(["x"]))
     with pytest.raises(ValueError, match="unknown pipeline"):
         load("huge")
+
+
+# ------------------------------------------------------------------------ messages, recipe
+
+def test_messages_point_to_readme_sections_that_exist(tmp_path, hub_dir):
+    from memflow_nb.weights.errors import README_SECTIONS
+
+    readme = (DATA.parent.parent / "README.md").read_text()
+    headings = {m.group(1).strip() for m in re.finditer(r"^#+ (.+)$", readme, re.M)}
+    assert set(README_SECTIONS) <= headings, set(README_SECTIONS) - headings
+    (tmp_path / "lfs.pt").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 9\n")
+    (tmp_path / "cut.pt").write_bytes((hub_dir[0] / MF / "base.pt").read_bytes()[:500])
+    messages = []
+    for path in (tmp_path / "absent.pt", tmp_path / "lfs.pt", tmp_path / "cut.pt"):
+        with pytest.raises((WeightsNotFound, WeightsCorrupt)) as ei:
+            read_checkpoint(path)
+        messages.append(str(ei.value))
+    with pytest.raises(WeightsNotFound) as ei:
+        load_text_encoder(hub_dir[0] / WAN / "models_t5_umt5-xxl-enc-bf16.pth", tmp_path)
+    messages.append(str(ei.value))
+    for msg in messages:
+        named = re.findall(r'README, section "([^"]+)"', msg)
+        assert named and set(named) <= headings, msg
+        assert "docs/" not in msg
+
+
+def test_random_module_is_the_recipe_cast_and_built_on_meta():
+    build = lambda: CausalWanModel(TINY)  # noqa: E731
+    model = random_module(build, 7, dtype=torch.bfloat16)
+    want = {k: v.to(torch.bfloat16) for k, v in recipe_weights(meta_shapes(build), 7).items()}
+    assert_weights(model, want, atol=0)
+    assert all(p.dtype == torch.bfloat16 and not p.requires_grad for p in model.parameters())
+    assert not model.training
+    assert not torch.equal(random_module(build, 8).blocks[0].ffn[0].weight, model.blocks[0].ffn[0].weight.float())
