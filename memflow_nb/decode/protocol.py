@@ -58,7 +58,13 @@ def causal_pixel_frames(latent_frames: int, temporal_stride: int, first: bool = 
 
 
 class CausalDecoder(nn.Module):
-    """Base of the decoders here: what follows from `self.config` (spatial_stride, pixel_frames)."""
+    """Base of the decoders here: holds the config and answers what follows from it
+    (spatial_stride, pixel_frames). Subclasses add `init_state` and `decode`; they hold no
+    decode state themselves."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
 
     @property
     def spatial_stride(self) -> int:

@@ -156,15 +156,11 @@ class Upsample(nn.Module):
 
 
 class TAEDecoder(CausalDecoder):
-    """The decoding half of TAEHV for Wan 2.1 (`decoder.*` of `taew2_1.pth`).
-
-    Load it with `memflow_nb.weights.load_tae`. Holds no decode state: `init_state()` makes one
-    and `decode(latents, state)` returns the next (the `memflow_nb.decode.Decoder` protocol).
-    """
+    """TAEHV's decoding half for Wan 2.1 (`decoder.*` of `taew2_1.pth`), a `memflow_nb.decode.Decoder`;
+    `memflow_nb.weights.load_tae` loads it."""
 
     def __init__(self, config: TAEConfig = TAEConfig()):
-        super().__init__()
-        self.config = config
+        super().__init__(config)
         c = config.channels
         layers: list[nn.Module] = [Clamp(), _conv3(config.latent_channels, c[0]), nn.ReLU()]
         for i in range(len(c) - 1):

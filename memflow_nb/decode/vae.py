@@ -260,15 +260,11 @@ class Decoder3d(nn.Module):
 
 
 class WanVAEDecoder(CausalDecoder):
-    """The decoding half of the Wan2.1 VAE: `conv2` (1x1x1 on latents) and `decoder`.
-
-    Load it with `memflow_nb.weights.load_vae`. Holds no decode state: `init_state()` makes one
-    and `decode(latents, state)` returns the next (the `memflow_nb.decode.Decoder` protocol).
-    """
+    """The decoding half of the Wan2.1 VAE (`conv2`, a 1x1x1 conv on latents, and `decoder`), a
+    `memflow_nb.decode.Decoder`; `memflow_nb.weights.load_vae` loads it."""
 
     def __init__(self, config: VAEConfig = VAEConfig()):
-        super().__init__()
-        self.config = config
+        super().__init__(config)
         self.conv2 = CausalConv3d(config.z_dim, config.z_dim, 1)
         self.decoder = Decoder3d(config)
         cached = [m for m in self.decoder.modules() if isinstance(m, CausalConv3d) and m.past > 0]

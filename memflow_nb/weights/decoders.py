@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import Tensor
@@ -21,33 +22,45 @@ from .files import read_checkpoint, tensors_only
 
 log = logging.getLogger(__name__)
 
-__all__ = ["split_vae_state_dict", "load_vae_decoder", "load_vae", "split_tae_state_dict", "load_tae_decoder",
-           "load_tae"]
-
-VAE_ENCODER_PREFIXES = ("encoder.", "conv1.")  # keys of Wan2.1_VAE.pth that only the encoder uses
-TAE_ENCODER_PREFIXES = ("encoder.",)
+__all__ = ["DecoderFile", "WAN_VAE_FILE", "TAE_FILE", "split_vae_state_dict", "load_vae_decoder", "load_vae",
+           "split_tae_state_dict", "load_tae_decoder", "load_tae"]
 
 
-def _decoder_from(sd: Mapping[str, Tensor], prefixes: tuple[str, ...], build: Callable, *, source, what: str,
-                  device, dtype):
-    """(decoder built from the non-encoder keys, encoder keys skipped); KeyMismatch lists bad keys."""
-    dec, skipped = split_state_dict(sd, prefixes)
-    check_state_dict(meta_shapes(build), dec, source=source, what=what)
-    return build_assigned(build, dec, device=device, dtype=dtype), skipped
+@dataclass(frozen=True)
+class DecoderFile:
+    """How a decoder's weights file is laid out: the module it fills and the encoder's key prefixes."""
+
+    build: Callable[[Any], torch.nn.Module]  # config -> module
+    encoder_prefixes: tuple[str, ...]  # keys only the encoder uses, skipped
+    describe: Callable[[Any], str]  # config -> the module's name in messages
+
+    def split(self, sd: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], list[str]]:
+        """(everything but the encoder keys, sorted encoder keys dropped)."""
+        return split_state_dict(sd, self.encoder_prefixes)
+
+    def load(self, sd: Mapping[str, Tensor], config, *, device="cpu", dtype: torch.dtype = torch.float32,
+             source="state dict") -> tuple[torch.nn.Module, list[str]]:
+        """(decoder from a full or decoder-only state dict, eval mode without grads; encoder keys
+        skipped). Raises KeyMismatch listing every missing, unexpected or mis-shaped key."""
+        dec, skipped = self.split(sd)
+        check_state_dict(meta_shapes(lambda: self.build(config)), dec, source=source, what=self.describe(config))
+        return build_assigned(lambda: self.build(config), dec, device=device, dtype=dtype), skipped
 
 
-def split_vae_state_dict(sd: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], list[str]]:
-    """Full VAE state dict -> (everything but the encoder keys, sorted encoder keys dropped)."""
-    return split_state_dict(sd, VAE_ENCODER_PREFIXES)
+WAN_VAE_FILE = DecoderFile(WanVAEDecoder, ("encoder.", "conv1."), lambda c: f"VAE decoder (dim {c.dim})")
+TAE_FILE = DecoderFile(TAEDecoder, ("encoder.",), lambda c: f"TAE decoder (channels {list(c.channels)})")
+split_vae_state_dict = WAN_VAE_FILE.split
+split_tae_state_dict = TAE_FILE.split
 
 
-def load_vae_decoder(sd: Mapping[str, Tensor], config: VAEConfig = VAEConfig(), *, device="cpu",
-                     dtype: torch.dtype = torch.float32, source="VAE state dict") -> tuple[WanVAEDecoder, list[str]]:
-    """The VAE decoder from a full (or decoder-only) state dict: (decoder in eval mode without
-    grads, encoder keys skipped). Raises KeyMismatch listing every missing, unexpected or
-    mis-shaped key."""
-    return _decoder_from(sd, VAE_ENCODER_PREFIXES, lambda: WanVAEDecoder(config), source=source,
-                         what=f"VAE decoder (dim {config.dim})", device=device, dtype=dtype)
+def load_vae_decoder(sd: Mapping[str, Tensor], config: VAEConfig = VAEConfig(), **kw) -> tuple[WanVAEDecoder, list]:
+    """`WAN_VAE_FILE.load`: (the VAE decoder, encoder keys skipped) from a state dict."""
+    return WAN_VAE_FILE.load(sd, config, **kw)
+
+
+def load_tae_decoder(sd: Mapping[str, Tensor], config: TAEConfig = TAEConfig(), **kw) -> tuple[TAEDecoder, list]:
+    """`TAE_FILE.load`: (the TAE decoder, encoder keys skipped) from a state dict."""
+    return TAE_FILE.load(sd, config, **kw)
 
 
 def load_vae(path: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
@@ -63,20 +76,6 @@ def load_vae(path: str | os.PathLike, *, device: str | torch.device = "cpu", dty
     vae, skipped = load_vae_decoder(sd, config, device=device, dtype=dtype, source=path)
     log.info("%s: skipped %d encoder-only tensors (decoding needs conv2 and decoder.* only)", path, len(skipped))
     return vae
-
-
-def split_tae_state_dict(sd: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], list[str]]:
-    """Full TAE state dict -> (everything but the encoder keys, sorted encoder keys dropped)."""
-    return split_state_dict(sd, TAE_ENCODER_PREFIXES)
-
-
-def load_tae_decoder(sd: Mapping[str, Tensor], config: TAEConfig = TAEConfig(), *, device="cpu",
-                     dtype: torch.dtype = torch.float32, source="TAE state dict") -> tuple[TAEDecoder, list[str]]:
-    """The TAE decoder from a full (or decoder-only) state dict: (decoder in eval mode without
-    grads, encoder keys skipped). Raises KeyMismatch listing every missing, unexpected or
-    mis-shaped key."""
-    return _decoder_from(sd, TAE_ENCODER_PREFIXES, lambda: TAEDecoder(config), source=source,
-                         what=f"TAE decoder (channels {list(config.channels)})", device=device, dtype=dtype)
 
 
 def load_tae(path: str | os.PathLike | None = None, *, device: str | torch.device = "cpu",
