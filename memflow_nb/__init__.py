@@ -1,8 +1,8 @@
 """memflow_nb: a Jupyter-first toolkit for MemFlow streaming text-to-video.
 
 The public API is small; everything below is stable. Submodules and sub-packages (pipeline,
-weights, decode, plots, text_encoder, memory, schedule, bench) hold the rest. Names are imported on first use, so `import
-memflow_nb` is quick and the engine needs nothing but torch.
+weights, decode, plots, text_encoder, memory, schedule, bench) hold the rest. Names are imported
+on first use, so `import memflow_nb` is quick and the engine needs nothing but torch.
 """
 from importlib import import_module
 

@@ -181,9 +181,10 @@ class TAEDecoder(CausalDecoder):
         """Decode the next latent frames of a stream with the TAE.
 
         latents: [B, T, 16, h, w], our normalised latents (de-normalised here if config.denormalize).
-        Returns (pixels [B, T_pix, 3, 8h, 8w] float32 in [-1, 1], new state), T_pix = 4T - 3 for the
-        clip's first chunk and 4T afterwards (`self.pixel_frames(T, first)`). `state` is not changed, so decoding again from it gives
-        the same frames. Chunks of any size give the frames of decoding the clip whole.
+        Returns (pixels [B, T_pix, 3, 8h, 8w] float32 in [-1, 1], new state), T_pix =
+        `self.pixel_frames(T, first)`: 4T - 3 for the clip's first chunk and 4T afterwards. `state`
+        is not changed, so decoding again from it gives the same frames. Chunks of any size give
+        the frames of decoding the clip whole.
         """
         cfg = self.config
         check_latents(latents, state, len(state.memory), what="TAE", channels="latent_channels",
