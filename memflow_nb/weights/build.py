@@ -16,7 +16,7 @@ from typing import Callable, Mapping
 import torch
 from torch import Tensor, nn
 
-from .errors import KeyMismatch, listing
+from .errors import SHOW, KeyMismatch, listing
 
 __all__ = ["meta_shapes", "check_state_dict", "build_assigned", "split_state_dict", "recipe_weights",
            "random_module"]
@@ -67,7 +67,7 @@ def build_assigned(build: Build, sd: Mapping[str, Tensor], *, device=None, dtype
     module.load_state_dict(sd, strict=True, assign=True)
     left = [n for n, p in list(module.named_parameters()) + list(module.named_buffers()) if p.is_meta]
     if left:  # a strict load assigns every saved tensor; only an unsaved one can stay on meta
-        raise KeyMismatch(f"{type(module).__name__}: parameters left unloaded: {left[:20]}", missing=left)
+        raise KeyMismatch(f"{type(module).__name__}: parameters left unloaded: {left[:SHOW]}", missing=left)
     return module.eval().requires_grad_(False)
 
 
