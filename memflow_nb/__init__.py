@@ -1,8 +1,9 @@
 """memflow_nb: a Jupyter-first toolkit for MemFlow streaming text-to-video.
 
-The public API is small; everything below is stable. Submodules (engine, fast, recording, plots,
-text_encoder, vae, io, hub, bench, planning, batch, metrics, timeline, notebook) hold the rest. Names are imported on first use, so `import
-memflow_nb` is quick and the engine needs nothing but torch.
+The public API is small; everything below is stable. Submodules and sub-packages (engine, fast,
+recording, pipeline, weights, decode, timeline, notebook, text_encoder, planning, batch, bench) hold
+the rest. Names are imported on first use, so `import memflow_nb` is quick and the engine needs
+nothing but torch.
 """
 from importlib import import_module
 
@@ -11,15 +12,15 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "engine.config": ["ModelConfig", "StreamConfig"],
     "engine.model": ["CausalWanModel"],
-    "hub": ["Pipeline", "load"],
-    "io": ["load_dit"],
+    "pipeline": ["Pipeline", "load"],
+    "weights": ["load_dit"],
     "engine.state": ["State", "state_to"],
     "engine.steps": ["init_state", "step", "set_prompt", "update_memory"],
     "timeline.model": ["Timeline", "TimelineError"],
     "timeline.official": ["from_official_jsonl", "to_official_jsonl"],
     "generation": ["generate", "generate_video", "resume", "Chunk", "Video", "Session"],
     "checkpoints": ["Checkpoint", "Checkpoints"],
-    "vae": ["decode_chunk", "init_decode_state", "to_uint8"],
+    "decode": ["decode_chunk", "init_decode_state", "to_uint8"],
     "video": ["write_video", "read_video", "show_video"],
     "recording": ["record_attention", "bank_slots", "bank_history", "bank_thumbnails"],
     "notebook.editor": ["TimelineEditor"],

@@ -46,14 +46,14 @@ def run_study(input: Union[str, os.PathLike], out: Union[str, os.PathLike], *, s
               attention_layers: Union[str, Sequence[int]] = "auto", save_attention: bool = False,
               evaluator=None, eval_every: int = 4, return_threshold: float = 0.5, table: str = "parquet",
               retry_failed: bool = True, merge_only: bool = False, progress: bool = True,
-              local_dir=None, device: Optional[str] = None, text_encoder_device: str = "cpu",
+              local_dir=None, device: Optional[str] = None, text_encoder_mode: str = "auto",
               timeout: timedelta = timedelta(hours=72)) -> dict:
     """Run (or resume) a study and return its manifest (see the module docstring).
 
     Args:
         input: .jsonl / .json / folder. settings: a spec string or .json file (`memflow_nb.study_plan`).
         seeds: "0,1" / "0-3" / a list; None: each story's own seed, else 0.
-        model, local_dir, device, text_encoder_device: as in `memflow_nb.load`; or `pipe`, an
+        model, local_dir, device, text_encoder_mode: as in `memflow_nb.load`; or `pipe`, an
             already loaded pipeline (single process).
         height, width, frames, switch_frames: as in `python -m memflow_nb generate`.
         attention_layers: layers whose attention is recorded (last denoising step) for the bank
@@ -75,7 +75,7 @@ def run_study(input: Union[str, os.PathLike], out: Union[str, os.PathLike], *, s
 
 def _study(ranks: R.Ranks, *, input, out, settings, seeds, model, pipe, height, width, frames, switch_frames,
            attention_layers, save_attention, evaluator, eval_every, return_threshold, table, retry_failed,
-           merge_only, progress, local_dir, text_encoder_device) -> dict:
+           merge_only, progress, local_dir, text_encoder_mode) -> dict:
     store = StudyStore(out)
     plan = None
     if ranks.rank == 0:
@@ -84,7 +84,7 @@ def _study(ranks: R.Ranks, *, input, out, settings, seeds, model, pipe, height, 
                          switch_frames, attention_layers, evaluator, eval_every, return_threshold, table)
             todo = [r.id for r in plan[0] if not store.is_done(r.id) and (retry_failed or not store.has_failed(r.id))]
             if model == "memflow" and pipe is None and not merge_only and todo:
-                from .hub import fetch_weights
+                from .weights import fetch_weights
 
                 fetch_weights(local_dir, progress=progress)  # download once, before the other ranks load
             plan = ("ok",) + plan + (todo,)
@@ -97,7 +97,7 @@ def _study(ranks: R.Ranks, *, input, out, settings, seeds, model, pipe, height, 
     todo_runs = [r for r in runs if r.id in set(todo)] if not merge_only else []
     mine = shard(todo_runs, ranks.world)[ranks.rank]
     t0 = time.perf_counter()
-    done = _run_all(ranks, store, mine, pipe, model, local_dir, text_encoder_device, height, width,
+    done = _run_all(ranks, store, mine, pipe, model, local_dir, text_encoder_mode, height, width,
                     attention_layers, save_attention, evaluator, eval_every, return_threshold, progress)
     mine_log = {"rank": ranks.rank, "host": socket.gethostname(), "pid": os.getpid(), "runs": done,
                 "seconds": round(time.perf_counter() - t0, 2)}
@@ -165,15 +165,15 @@ def _eval_names(evaluator) -> Optional[list[str]]:
     return list(model_names(**evaluator) if isinstance(evaluator, dict) else evaluator.names)
 
 
-def _run_all(ranks, store, runs: list[Run], pipe, model, local_dir, text_encoder_device, height, width,
+def _run_all(ranks, store, runs: list[Run], pipe, model, local_dir, text_encoder_mode, height, width,
              attention_layers, save_attention, evaluator, eval_every, return_threshold, progress) -> list[dict]:
     if not runs:
         return []
     if pipe is None and any(r.story.error is None for r in runs):
-        from .hub import load
+        from .pipeline import load
 
         pipe = load(model, local_dir=local_dir, device=ranks.device,
-                    text_encoder_device=R.resolve_device(text_encoder_device, ranks.local_rank),
+                    text_encoder_mode=text_encoder_mode,
                     progress=progress and ranks.rank == 0)
     if isinstance(evaluator, dict):
         from .eval_models import load_evaluator
@@ -224,8 +224,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="official .jsonl only: latent-frame switch indices (default %(default)s)")
     p.add_argument("--local-dir", type=Path, help="read weights from this folder (see README, Weights)")
     p.add_argument("--device", help="torch device (default: cuda:LOCAL_RANK if available, else cpu)")
-    p.add_argument("--text-encoder-device", default="cpu",
-                   help="where umT5 runs (default cpu; 'cuda' is much faster where 12 GB are free)")
+    p.add_argument("--text-encoder-mode", default="auto", choices=["auto", "gpu", "streamed", "cpu"],
+                   help="where umT5 runs (auto: the memory plan picks, see memflow_nb.plan)")
     p.add_argument("--attention-layers", default="auto",
                    help="layers recorded for the bank attention share: auto (first, middle, last), all, none, "
                         "or indices like 0,15,29")
@@ -271,7 +271,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             save_attention=args.save_attention, evaluator=_evaluator_spec(args), eval_every=args.eval_every,
             return_threshold=args.return_threshold, table=args.table, retry_failed=not args.no_retry_failed,
             merge_only=args.merge_only, progress=not args.no_progress, local_dir=args.local_dir, device=args.device,
-            text_encoder_device=args.text_encoder_device, timeout=timedelta(hours=args.timeout_hours))
+            text_encoder_mode=args.text_encoder_mode, timeout=timedelta(hours=args.timeout_hours))
     except StudyInputError as e:
         print("error: " + " ".join(str(e).split()), file=sys.stderr)
         return 2

@@ -16,38 +16,22 @@ import argparse
 import dataclasses
 import gc
 import json
-import math
 import time
 
 import torch
 
+from .decode import decode_chunk, init_decode_state, to_uint8
+from .decode.vae import VAEConfig, WanVAEDecoder
 from .engine.config import ModelConfig, StreamConfig
 from .engine.context import PassAttention, Workspace
 from .engine.model import CausalWanModel
 from .engine.steps import init_state, step, update_memory
-from .tae import decoder_fns
 from .timeline.clock import frames_in_chunk, frames_of_chunks
-from .vae import VAEConfig, WanVAEDecoder, decode_chunk, init_decode_state, to_uint8
 
 
-def random_module(build, device, dtype, seed: int = 0):
-    """Build on meta, then fill with scaled normal weights on the device (like the golden recipe)."""
-    with torch.device("meta"):
-        m = build()
-    m = m.to_empty(device=device)
-    g = torch.Generator(device=device).manual_seed(seed)
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            p.normal_(generator=g)
-            if "modulation" in name:
-                p.mul_(0.1)
-            elif p.dim() == 1 and "norm" in name:
-                p.mul_(0.1).add_(1.0)
-            elif p.dim() == 1:
-                p.mul_(0.02)
-            else:
-                p.div_(math.sqrt(math.prod(p.shape[1:])))
-    return m.to(dtype).eval().requires_grad_(False)
+def random_module(build_fn, device, dtype, seed: int = 0):
+    """The golden recipe's random weights (memflow_nb.weights.build.random_module) on the device."""
+    return build.random_module(build_fn, seed, device=device, dtype=dtype)
 
 
 class _Timer:
@@ -70,17 +54,17 @@ def bench_case(model, vae, height, width, mode, chunks, warm_chunks, prompt, vae
     # Video frames of the timed chunks (each timed loop makes chunks warm_chunks .. warm_chunks + chunks - 1).
     cf = stream.chunk_frames
     timed_frames = frames_of_chunks(warm_chunks + chunks, cf) - frames_of_chunks(warm_chunks, cf)
-    init_decode_state, decode_chunk = decoder_fns(vae)
+    decode = decode_chunk
     if vae_per_frame and isinstance(vae, WanVAEDecoder):
         import functools
-        decode_chunk = functools.partial(decode_chunk, per_frame=True)
+        decode = functools.partial(decode_chunk, per_frame=True)
         out["vae_per_frame"] = True
     state = init_state(model, stream, prompt, height=height, width=width, seed=0)
     vstate = init_decode_state(vae)
     # Warm-up: compile every shape and reach the steady state (full bank, rolled window).
     for _ in range(warm_chunks):
         state, x0 = step(model, state)
-        _, vstate = decode_chunk(vae, x0, vstate)
+        _, vstate = decode(vae, x0, vstate)
     torch.cuda.synchronize()
     s0, v0 = state, vstate
     with _Timer() as t:
@@ -95,7 +79,7 @@ def bench_case(model, vae, height, width, mode, chunks, warm_chunks, prompt, vae
     with _Timer() as t:
         for _ in range(chunks):
             state, x0 = step(model, state)
-            pixels, vstate = decode_chunk(vae, x0, vstate)
+            pixels, vstate = decode(vae, x0, vstate)
     out["e2e_ms_per_chunk"] = t.ms / chunks
     out["e2e_fps"] = timed_frames / (t.ms / 1000)
     out["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 1e9
@@ -107,12 +91,12 @@ def bench_case(model, vae, height, width, mode, chunks, warm_chunks, prompt, vae
             side.wait_event(torch.cuda.current_stream().record_event())
             with torch.cuda.stream(side):
                 x0.record_stream(side)
-                pixels, vstate = decode_chunk(vae, x0, vstate)
+                pixels, vstate = decode(vae, x0, vstate)
         torch.cuda.current_stream().wait_stream(side)
     out["e2e_overlap_fps"] = timed_frames / (t.ms / 1000)
     with _Timer() as t:
         for _ in range(chunks):
-            decode_chunk(vae, x0, vstate)
+            decode(vae, x0, vstate)
     out["vae_ms_per_chunk"] = t.ms / chunks
     # One DiT denoising pass in the steady state.
     st = update_memory(model, state)
@@ -138,7 +122,7 @@ def bench_case(model, vae, height, width, mode, chunks, warm_chunks, prompt, vae
         with _Timer() as t:
             s = init_state(model, stream, prompt, height=height, width=width, seed=1)
             s, x0 = step(model, s)
-            pixels, _ = decode_chunk(vae, x0, init_decode_state(vae))
+            pixels, _ = decode(vae, x0, init_decode_state(vae))
             frames = to_uint8(pixels[0])
     out["first_chunk_ms"] = t.ms
     assert frames.shape[0] == frames_in_chunk(0, stream.chunk_frames)
@@ -150,7 +134,7 @@ def load_test(device, dtype) -> dict:
     import os
     import tempfile
 
-    from .io import load_dit
+    from .weights import load_dit
 
     cfg = ModelConfig.from_name("wan2.1-t2v-1.3b")
     tmp = tempfile.mkdtemp()
@@ -256,7 +240,6 @@ def vae_variants(vae, height, width) -> list[dict]:
 def profile_chunk(model, vae, height, width, mode, prompt, path=None) -> str:
     """torch.profiler over two steady-state chunks (step + decode): the top GPU and CPU ops."""
     stream = StreamConfig(sma=mode == "fast")
-    init_decode_state, decode_chunk = decoder_fns(vae)
     state = init_state(model, stream, prompt, height=height, width=width, seed=0)
     vstate = init_decode_state(vae)
     for _ in range(12):
@@ -285,7 +268,7 @@ def run_mode(args, mode: str, base, vae, prompt) -> list[dict]:
     if mode != "eager":
         model, decoder = optimize_model(base, mode, graphs=not args.no_graphs), CompiledVAE(vae)
     if mode == "fast":  # fast mode previews with the tiny decoder
-        from .tae import TAEConfig, TAEDecoder
+        from .decode.tae import TAEConfig, TAEDecoder
 
         p = next(base.parameters())
         decoder = random_module(lambda: TAEDecoder(TAEConfig()), p.device, p.dtype, seed=2)

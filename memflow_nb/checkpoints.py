@@ -12,6 +12,7 @@ from typing import Any, Optional
 
 import torch
 
+from .decode import tensor_bytes
 from .engine.state import State, state_to
 from .timeline.conditioning import Conditioning
 
@@ -48,6 +49,9 @@ class Checkpoint:
         return ts
 
 
+DEFAULT_MAX_COUNT = 64  # checkpoints kept besides chunk 0's when no plan says how many fit
+
+
 class Checkpoints:
     """Checkpoints kept while generating: chunk 0 and every `every`-th chunk boundary.
 
@@ -56,21 +60,36 @@ class Checkpoints:
     (each then holds its own copy of the whole context). `resume` replays from the nearest one.
     """
 
-    def __init__(self, every: int = 1, device=None):
-        if every < 1:
-            raise ValueError(f"every={every} must be >= 1")
-        self.every, self.device = every, device
+    def __init__(self, every: int = 1, device=None, max_count: Optional[int] = None):
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"every={every!r} must be an integer >= 1")
+        if max_count is not None and (isinstance(max_count, bool) or not isinstance(max_count, int) or max_count < 0):
+            raise ValueError(f"max_count={max_count!r} must be None (no limit) or an integer >= 0")
+        self.every, self.device, self.max_count = every, device, max_count
         self._store: dict[int, Checkpoint] = {}
 
     @classmethod
     def auto(cls, pipe) -> "Checkpoints":
-        """Every chunk on a CPU model; every 8th chunk, kept in CPU memory, for a model on a GPU."""
+        """What the pipeline's memory plan has room for (`pipe.plan`): every `checkpoints_every`-th
+        chunk, at most `max_checkpoints` besides chunk 0's, in host memory for a model on a GPU.
+        Without a plan: every chunk on a CPU model, every 8th on a GPU, and at most
+        `DEFAULT_MAX_COUNT` of them either way, so an endless stream keeps flat memory."""
         dev = next(pipe.model.parameters()).device
-        return cls(every=1) if dev.type == "cpu" else cls(every=8, device="cpu")
+        plan = getattr(pipe, "plan", None)
+        device = None if dev.type == "cpu" else "cpu"
+        if plan is not None:
+            cap = min(plan.max_checkpoints, DEFAULT_MAX_COUNT) if plan.max_checkpoints >= 0 else DEFAULT_MAX_COUNT
+            return cls(every=plan.checkpoints_every, device=device, max_count=cap)
+        return cls(every=1 if dev.type == "cpu" else 8, device=device, max_count=DEFAULT_MAX_COUNT)
 
     def add(self, ck: Checkpoint, force: bool = False) -> None:
+        """Keep `ck` if it falls on the schedule (or `force`); past `max_count`, the oldest kept
+        checkpoint after chunk 0 is dropped (resume then replays from an earlier one, bit-exact)."""
         if force or ck.chunk % self.every == 0:
             self._store[ck.chunk] = ck.to(self.device) if self.device is not None else ck
+            later = sorted(k for k in self._store if k > 0)
+            while self.max_count is not None and len(later) > self.max_count:
+                del self._store[later.pop(0)]
 
     def nearest(self, chunk: int) -> Checkpoint:
         """The kept checkpoint with the largest chunk <= `chunk`."""
@@ -89,14 +108,7 @@ class Checkpoints:
 
     def nbytes(self) -> int:
         """Bytes held by all checkpoints, shared storage counted once."""
-        seen, total = set(), 0
-        for ck in self._store.values():
-            for t in ck.tensors():
-                st = t.untyped_storage()
-                if (st.data_ptr(), t.device) not in seen:
-                    seen.add((st.data_ptr(), t.device))
-                    total += st.nbytes()
-        return total
+        return tensor_bytes(t for ck in self._store.values() for t in ck.tensors())
 
     def __len__(self) -> int:
         return len(self._store)

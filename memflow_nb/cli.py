@@ -71,7 +71,7 @@ def _generate(args) -> int:
 
     from .engine.config import latent_size
     from .generation import Session, render_size
-    from .hub import load
+    from .pipeline import load
     from .timeline.clock import FPS, chunks_for_frames
     from .video import VideoFile, _codec
 

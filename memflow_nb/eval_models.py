@@ -29,7 +29,7 @@ class EvalModelNotFound(OSError):
 
 
 def _offline() -> bool:
-    from .hub import _offline as hub_offline
+    from .weights.download import _offline as hub_offline
 
     return hub_offline()
 

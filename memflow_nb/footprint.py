@@ -24,7 +24,7 @@ import torch
 from .engine.config import ModelConfig, StreamConfig
 from .fast.fp8 import FP8_LINEARS
 from .text_encoder import T5Config
-from .vae import VAEConfig
+from .decode.vae import VAEConfig
 
 FP8_SCALE_BYTES = 4  # Float8Linear keeps one float32 scale per output row
 CPU_IM2COL_BELOW = 24  # measured, torch 2.13 on x86: narrower CPU conv3d layers unfold (im2col)
@@ -38,7 +38,7 @@ def configs(name: str) -> tuple[ModelConfig, T5Config, VAEConfig]:
         try:
             from .pipeline import TINY_T5, TINY_VAE, tiny_tokenizer
         except ImportError:  # before the hub -> pipeline rename
-            from .hub import TINY_T5, TINY_VAE, tiny_tokenizer
+            from .pipeline import TINY_T5, TINY_VAE, tiny_tokenizer
         cfg = ModelConfig.from_name("tiny")
         return cfg, T5Config(vocab=tiny_tokenizer().get_vocab_size(), dim=cfg.text_dim, **TINY_T5), TINY_VAE
     raise ValueError(f"unknown pipeline {name!r}; known: 'memflow', 'tiny'")
@@ -51,7 +51,7 @@ def _meta_params(kind: str, cfg) -> tuple[int, tuple[tuple[int, int, int], ...]]
     """(parameter count, fp8-able linears as (weight numel, out features, bias numel)) of a module."""
     from .engine.model import CausalWanModel
     from .text_encoder import UMT5Encoder
-    from .vae import WanVAEDecoder
+    from .decode.vae import WanVAEDecoder
 
     build = {"dit": CausalWanModel, "t5": UMT5Encoder, "vae": WanVAEDecoder}[kind]
     with torch.device("meta"):

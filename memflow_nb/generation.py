@@ -18,13 +18,12 @@ import numpy as np
 import torch
 
 from .checkpoints import Checkpoint, Checkpoints
+from .decode import decode_chunk as decode, init_decode_state as init_vae, to_uint8
 from .engine.state import State
 from .engine.steps import init_state, set_prompt, step
-from .tae import decoder_fns
 from .timeline.clock import FPS
 from .timeline.conditioning import ChunkConditioning, Conditioning, Embeddings, conditioning_plan
 from .timeline.model import Timeline
-from .vae import to_uint8
 
 
 @dataclass(frozen=True)
@@ -106,7 +105,6 @@ def generate(pipe, timeline: Timeline, *, seed: Optional[int] = None, height: Op
     if timeline.denoising_steps:
         stream = stream.replace(denoising_steps=tuple(timeline.denoising_steps))
     total = _num_chunks(timeline, num_chunks)
-    init_vae, decode = decoder_fns(vae)
     if start is None:
         start = Checkpoint(0, None, init_vae(vae), _seed(seed, timeline, 0), render_size(pipe, timeline, height, width))
     else:

@@ -86,7 +86,7 @@ def measure_stream(model, stream: StreamConfig, height: int, width: int, prompt_
 @torch.no_grad()
 def measure_vae(vae, latent_hw: tuple[int, int], chunk_frames: int, batch: int = 1) -> list[dict]:
     """The decode caches and a steady chunk's decode peak, whole and frame by frame."""
-    from .vae import decode_chunk, init_decode_state
+    from .decode import decode_chunk, init_decode_state
 
     p = next(vae.parameters())
     e, size = p.element_size(), f"{latent_hw[0] * 8}x{latent_hw[1] * 8}"
@@ -107,7 +107,7 @@ def measure_pipeline(model, vae, stream: StreamConfig, height: int, width: int, 
     """CUDA: all memory allocated at the peak of steady chunks, their decodes and a prompt switch,
     against weights + stream state + decode state + the largest phase of the plan."""
     from .engine.steps import init_state, set_prompt, step
-    from .vae import decode_chunk, init_decode_state
+    from .decode import decode_chunk, init_decode_state
 
     p = next(model.parameters())
     cfg, e, lat = model.cfg, p.element_size(), (height // 8, width // 8)
@@ -140,7 +140,7 @@ def _main(argv=None) -> None:
     from .engine.config import ModelConfig
     from .engine.model import CausalWanModel
     from .precision import resolve_dtype
-    from .vae import VAEConfig, WanVAEDecoder
+    from .decode.vae import VAEConfig, WanVAEDecoder
 
     ap = argparse.ArgumentParser(prog="python -m memflow_nb.plan_check", description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="480x832,320x576", help="HEIGHTxWIDTH,...")

@@ -283,7 +283,7 @@ def bank_timeline(events: Sequence[MemoryEvent], num_layers: int, slots: int, ba
 def bank_thumbnails(vae, state) -> dict[int, np.ndarray]:
     """uint8 [H, W, 3] images of the frames in the bank (and the pending record), decoded from the
     clean latents the state keeps. Each is decoded on its own, as the first frame of a clip."""
-    from .vae import decode_chunk, init_decode_state, to_uint8
+    from .decode import decode_chunk, init_decode_state, to_uint8
 
     p = next(vae.parameters())
     out = {}

@@ -12,7 +12,7 @@ per-layer relative position tables). Parameter names equal the Wan2.1 checkpoint
     prompts.offload()                             # free the 11 GB on the GPU
 
 Where the encoder lives (GPU, streamed block by block from its file, CPU) and the fp8 file:
-`memflow_nb.text_loading`.
+`memflow_nb.weights.text`.
 """
 from __future__ import annotations
 
@@ -324,7 +324,7 @@ def encode_prompts(encoder, tokenizer: Tokenizer, prompts: list[str], *,
     """Prompt embeddings as MemFlow's DiT consumes them: [B, text_len, dim].
 
     encoder: a UMT5Encoder, or anything with `.cfg`, `.device`, `(ids, mask) -> hidden` and
-    `forward_each` (the streamed encoder of `memflow_nb.text_loading`). It runs where its
+    `forward_each` (the streamed encoder of `memflow_nb.weights.text`). It runs where its
     weights are; the result is moved to `device` / cast to `dtype` (defaults: the encoder's).
     Rows at and after each prompt's true length (its `</s>` included) are exactly 0, as in the
     official WanTextEncoder.
@@ -356,7 +356,7 @@ def encode_prompts(encoder, tokenizer: Tokenizer, prompts: list[str], *,
 class PromptEncoder:
     """Encode each distinct prompt once; later calls return the cached embeddings.
 
-    encoder: a UMT5Encoder (resident) or a streamed encoder (`memflow_nb.text_loading`).
+    encoder: a UMT5Encoder (resident) or a streamed encoder (`memflow_nb.weights.text`).
     device: where embeddings are returned and kept (default: the encoder's device now).
     dtype: their dtype (default: the encoder's).
     trim: encode each prompt over its own tokens only (see `encode_prompts`; `load` turns it on).

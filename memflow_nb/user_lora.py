@@ -47,7 +47,8 @@ from typing import Iterable, Mapping
 import torch
 from torch import Tensor, nn
 
-from .io import KeyMismatch, UnsafeCheckpoint, read_checkpoint
+from .weights.errors import KeyMismatch, UnsafeCheckpoint
+from .weights.files import read_checkpoint
 
 __all__ = ["LoraForAnotherModel", "LoraPatch", "UserLora", "read_user_lora", "loras_from_scope_settings"]
 

@@ -1,3 +1,4 @@
+"""Fixtures shared by the test modules (helpers live here; no test module imports another)."""
 import os
 from pathlib import Path
 
@@ -21,14 +22,10 @@ def make_tiny_model(seed: int = 0, **overrides):
 
     from memflow_nb.engine.config import ModelConfig
     from memflow_nb.engine.model import CausalWanModel
-    from memflow_nb.testing import recipe_weights
+    from memflow_nb.weights import random_module
 
     cfg = dataclasses.replace(ModelConfig.from_name("tiny"), **overrides)
-    with torch.device("meta"):
-        model = CausalWanModel(cfg)
-    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    model.load_state_dict(recipe_weights(shapes, seed), strict=True, assign=True)
-    return model.eval()
+    return random_module(lambda: CausalWanModel(cfg), seed)
 
 
 @pytest.fixture
@@ -38,14 +35,15 @@ def tiny_model():
 
 def make_tiny_vae(seed: int = 0):
     """A narrow random-weight Wan VAE decoder (same architecture, width 8), float32, CPU."""
-    from memflow_nb.testing import recipe_weights
-    from memflow_nb.vae import VAEConfig, WanVAEDecoder
+    from memflow_nb.decode import VAEConfig, WanVAEDecoder
+    from memflow_nb.weights import random_module
 
-    with torch.device("meta"):
-        vae = WanVAEDecoder(VAEConfig(dim=8))
-    shapes = {k: tuple(v.shape) for k, v in vae.state_dict().items()}
-    vae.load_state_dict(recipe_weights(shapes, seed), strict=True, assign=True)
-    return vae.eval()
+    return random_module(lambda: WanVAEDecoder(VAEConfig(dim=8)), seed)
+
+
+@pytest.fixture
+def tiny_vae():
+    return make_tiny_vae()
 
 
 def tiny_prompt(seed, text_dim=32, length=7):
@@ -74,21 +72,17 @@ def stream_states(model, n_chunks, stream=None, hw=(64, 64), seed=3, prompt_seed
 @pytest.fixture(scope="session")
 def pipe():
     """The tiny random-weight pipeline (float32, CPU), shared: generation never changes it."""
-    from memflow_nb.hub import load
+    from memflow_nb.pipeline import load
 
     return load("tiny")
 
 
 def make_tiny_tae(seed: int = 0):
     """A narrow random-weight TAE decoder (the taew2_1 architecture at width 8), float32, CPU."""
-    from memflow_nb.tae import TAEConfig, TAEDecoder
-    from memflow_nb.testing import recipe_weights
+    from memflow_nb.decode.tae import TAEConfig, TAEDecoder
+    from memflow_nb.weights import random_module
 
-    with torch.device("meta"):
-        tae = TAEDecoder(TAEConfig(channels=(8, 8, 8, 8)))
-    shapes = {k: tuple(v.shape) for k, v in tae.state_dict().items()}
-    tae.load_state_dict(recipe_weights(shapes, seed), strict=True, assign=True)
-    return tae.eval()
+    return random_module(lambda: TAEDecoder(TAEConfig(channels=(8, 8, 8, 8))), seed)
 
 
 @pytest.fixture(scope="session")
@@ -106,3 +100,12 @@ def chunk_timeline(*prompts, chunks_each: int = 3, **settings):
     segs = [{"start": i * chunks_each, "end": (i + 1) * chunks_each, "prompts": [{"text": p}]}
             for i, p in enumerate(prompts)]
     return Timeline(segments=segs, unit="chunks", **settings)
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any hub download fails the test."""
+    def refuse(*a, **k):
+        raise AssertionError("no download may happen here")
+    monkeypatch.setattr("huggingface_hub.snapshot_download", refuse)
+    monkeypatch.setattr("huggingface_hub.hf_hub_download", refuse)

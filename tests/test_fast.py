@@ -53,7 +53,7 @@ def test_speed_settings_apply_and_undo(torch_settings):
 
 
 def test_optimize_returns_a_new_pipeline(torch_settings):
-    from memflow_nb.hub import load
+    from memflow_nb.pipeline import load
 
     pipe = load("tiny", dtype=torch.float32)
     model, vae, stream = pipe.model, pipe.vae, pipe.stream

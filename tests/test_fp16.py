@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 
 from memflow_nb.engine import steps as stream
-from memflow_nb.hub import load
-from memflow_nb.vae import decode_chunk, init_decode_state
+from memflow_nb.pipeline import load
+from memflow_nb.decode import decode_chunk, init_decode_state
 
 
 def test_tiny_pipeline_is_finite_in_fp16():

@@ -1,29 +1,67 @@
-"""environment.yml and pyproject.toml declare the same dependencies with the same bounds."""
+"""Packaging: declared dependencies match what the package imports; environment.yml installs the
+project itself; the engine needs only torch; the README's main job needs no notebook extra."""
+import ast
 import re
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).parent.parent
+PACKAGE = ROOT / "memflow_nb"
+# Modules whose imports are the `notebook` extra's business (the editor and the plots).
+NOTEBOOK_MODULES = re.compile(r"^(widgets|plots|notebook/.+)\.py$")
+# Import name -> distribution name, where they differ (pydantic-core comes with pydantic, pinned by it).
+DISTRIBUTION = {"PIL": "pillow", "pydantic_core": "pydantic"}
+# In an extra for its program, not for an import: `jupyter lab notebooks/`.
+TOOLS = {"jupyterlab"}
 
 
-def _norm(req: str) -> tuple[str, str]:
-    m = re.match(r"\s*([A-Za-z0-9_.\-]+)\s*(.*)", req)
-    return m.group(1).lower().replace("_", "-"), m.group(2).replace(" ", "")
+def _norm(req: str) -> str:
+    return re.match(r"\s*([A-Za-z0-9_.\-]+)", req).group(1).lower().replace("_", "-")
 
 
-def test_environment_matches_pyproject():
-    py = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    wanted = {_norm(r) for r in py["dependencies"]}
-    for extra in py["optional-dependencies"].values():
-        wanted |= {_norm(r) for r in extra}
-    env, in_deps = [], False
-    for line in (ROOT / "environment.yml").read_text().splitlines():
-        in_deps = in_deps or line.startswith("dependencies:")
-        m = in_deps and re.match(r"\s*-\s+([^#]+?)\s*(#.*)?$", line)
-        if m and ":" not in m.group(1) and not m.group(1).startswith(("-e", "python=", "pip")):
-            env.append(m.group(1))
-    got = {_norm(r) for r in env}
-    assert got == wanted, f"only in environment.yml: {got - wanted}; only in pyproject: {wanted - got}"
+def _pyproject() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+
+
+def _third_party_imports(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    names -= set(sys.stdlib_module_names) | {"__future__", "memflow_nb"}
+    return {_norm(DISTRIBUTION.get(n, n)) for n in names}
+
+
+def test_dependencies_match_imports():
+    core, notebook = set(), set()
+    for path in sorted(PACKAGE.rglob("*.py")):
+        rel = path.relative_to(PACKAGE).as_posix()
+        (notebook if NOTEBOOK_MODULES.match(rel) else core).update(_third_party_imports(path))
+    py = _pyproject()
+    declared = {_norm(r) for r in py["dependencies"]}
+    extra = {_norm(r) for r in py["optional-dependencies"]["notebook"]}
+    assert core == declared, f"imported, undeclared: {core - declared}; declared, unused: {declared - core}"
+    assert notebook - core == extra - TOOLS, (f"notebook modules import, undeclared: {notebook - core - extra}; "
+                                              f"in the extra, unused: {extra - TOOLS - notebook}")
+
+
+def test_environment_installs_the_project_instead_of_repeating_its_dependencies():
+    text = (ROOT / "environment.yml").read_text()
+    items = [(len(m.group(1)), m.group(2)) for ln in text.split("dependencies:", 1)[1].splitlines()
+             if (m := re.match(r"(\s*)-\s+([^#]+?)\s*(#.*)?$", ln))]
+    top = min(indent for indent, _ in items)
+    conda = [item for indent, item in items if indent == top]
+    pip = [item for indent, item in items if indent > top]
+    assert [c.split("=")[0] for c in conda] == ["python", "pip", "pip:"], conda
+    assert len(pip) == 1, f"environment.yml repeats dependencies; pip should install only the project: {pip}"
+    m = re.fullmatch(r"-e \.\[([\w,]+)\]", pip[0])
+    assert m, pip[0]
+    extras = set(m.group(1).split(","))
+    assert extras == {"notebook", "dev"} and extras <= set(_pyproject()["optional-dependencies"])
 
 
 def test_engine_and_benchmark_need_only_torch():
@@ -38,3 +76,19 @@ def test_engine_and_benchmark_need_only_torch():
             "assert not heavy, heavy")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr
+
+
+def test_readme_main_job_needs_no_notebook_extra(tmp_path):
+    """The CLI writes the tiny model's video with ipywidgets unavailable, and never imports the
+    editor or the plots (so `pip install -e .` without [notebook] runs it)."""
+    out = tmp_path / "lighthouse.mp4"
+    code = ("import sys\n"
+            "sys.modules['ipywidgets'] = None  # importing it now raises ImportError\n"
+            "from memflow_nb.cli import main\n"
+            f"rc = main(['generate', 'data/timeline_lighthouse.scope.json', '-o', {str(out)!r}, '--model', 'tiny',\n"
+            "           '--frames', '9', '--no-progress'])\n"
+            "loaded = [m for m in ('memflow_nb.widgets', 'memflow_nb.plots') if m in sys.modules]\n"
+            "assert rc == 0 and not loaded, (rc, loaded)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert out.stat().st_size > 0

@@ -9,7 +9,7 @@ from memflow_nb.hardware import GB, PRESETS, Hardware
 from memflow_nb.planning import PlanError, plan, plan_for_load
 from memflow_nb.plan_check import measure_stream, measure_vae
 from memflow_nb.text_encoder import T5Config
-from memflow_nb.vae import VAEConfig
+from memflow_nb.decode.vae import VAEConfig
 
 FULL = ModelConfig.from_name("wan2.1-t2v-1.3b")
 HW_480 = (60, 104)  # latent size of 480x832

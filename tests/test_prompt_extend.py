@@ -50,7 +50,7 @@ def tiny_lm(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def umt5_bytes() -> Tokenizer:
     """The tiny pipeline's byte-level umT5 stand-in: one token per UTF-8 byte, plus </s>."""
-    from memflow_nb.hub import tiny_tokenizer
+    from memflow_nb.pipeline import tiny_tokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
         tiny_tokenizer().save(str(Path(tmp) / "tokenizer.json"))

@@ -9,11 +9,13 @@ from memflow_nb.engine.steps import step
 from memflow_nb.recording import bank_history, bank_slots, bank_thumbnails, bank_timeline, record_attention
 
 
-def run(model, n_chunks, stream=StreamConfig()):
-    return stream_states(model, n_chunks, stream, hw=(48, 64))
+@pytest.fixture
+def run(stream_states):
+    """run(model, n_chunks, stream=StreamConfig()): the states and outputs of a 48x64 stream."""
+    return lambda model, n_chunks, stream=StreamConfig(): stream_states(model, n_chunks, stream, hw=(48, 64))
 
 
-def test_recording_changes_no_output_bit(tiny_model):
+def test_recording_changes_no_output_bit(tiny_model, run):
     states, plain = run(tiny_model, 6)
     with record_attention(tiny_model) as rec:
         _, recorded = run(tiny_model, 6)
@@ -61,7 +63,7 @@ def test_observers_given_to_one_call(tiny_model):
     assert len(rec.cross_attention_summaries) == 4 * tiny_model.cfg.num_layers + tiny_model.cfg.num_layers - 1
 
 
-def test_pooled_mass_equals_brute_force_softmax(tiny_model, monkeypatch):
+def test_pooled_mass_equals_brute_force_softmax(tiny_model, monkeypatch, run):
     states, _ = run(tiny_model, 5)
     state = states[4]  # chunk 4: sink, two bank slots, rolled local window
     maps = []
@@ -94,7 +96,7 @@ def test_pooled_mass_equals_brute_force_softmax(tiny_model, monkeypatch):
     assert rec.peak_block_bytes == 3 * per_query_row
 
 
-def test_cross_attention_mass_is_a_distribution_over_text_tokens(tiny_model):
+def test_cross_attention_mass_is_a_distribution_over_text_tokens(tiny_model, run):
     states, _ = run(tiny_model, 2)
     with record_attention(tiny_model, layers=[1]) as rec:
         step(tiny_model, states[2])
@@ -104,7 +106,7 @@ def test_cross_attention_mass_is_a_distribution_over_text_tokens(tiny_model):
     assert torch.allclose(m.sum(-1), torch.ones(m.shape[:-1]), atol=1e-5)
 
 
-def test_sma_recording_scatters_selected_frames(tiny_model):
+def test_sma_recording_scatters_selected_frames(tiny_model, run):
     states, _ = run(tiny_model, 8, StreamConfig(sma=True))
     with record_attention(tiny_model, cross=False) as rec:
         step(tiny_model, states[8])
@@ -128,7 +130,7 @@ def test_recorded_bank_refreshes_follow_the_record_schedule(tiny_model):
     assert len(events) == len(states[-1].memory_log)
 
 
-def test_budget_caps_what_is_kept(tiny_model):
+def test_budget_caps_what_is_kept(tiny_model, run):
     states, _ = run(tiny_model, 3)
     with pytest.warns(UserWarning, match="budget"):
         with record_attention(tiny_model, max_bytes=2000) as rec:
@@ -139,7 +141,7 @@ def test_budget_caps_what_is_kept(tiny_model):
     assert not big.truncated and big.peak_block_bytes <= 1 << 20
 
 
-def test_layer_by_key_frame_view(tiny_model):
+def test_layer_by_key_frame_view(tiny_model, run):
     states, _ = run(tiny_model, 5)
     with record_attention(tiny_model) as rec:
         step(tiny_model, states[5])
@@ -148,9 +150,7 @@ def test_layer_by_key_frame_view(tiny_model):
     assert torch.allclose(mass.sum(-1), torch.ones(mass.shape[:2]), atol=1e-5)
 
 
-def test_bank_views(tiny_model):
-    from conftest import make_tiny_vae
-
+def test_bank_views(tiny_model, run, tiny_vae):
     states, _ = run(tiny_model, 14)
     s = states[-1]
     rows = bank_slots(s)
@@ -162,13 +162,13 @@ def test_bank_views(tiny_model):
     assert current == {(r["layer"], r["frame"]) for r in rows}
     tl = bank_timeline(s.memory_log, tiny_model.cfg.num_layers, 3)
     assert tl.shape == (len(s.memory_log), tiny_model.cfg.num_layers, 3) and tl[0, 0, 0] == 0
-    thumbs = bank_thumbnails(make_tiny_vae(), s)
+    thumbs = bank_thumbnails(tiny_vae, s)
     assert set(thumbs) == {f for f, _ in s.records}
     img = next(iter(thumbs.values()))
     assert img.shape == (48, 64, 3) and img.dtype.name == "uint8"
 
 
-def test_plots_render(tiny_model, tmp_path):
+def test_plots_render(tiny_model, tmp_path, run):
     import matplotlib
 
     matplotlib.use("Agg")

@@ -14,22 +14,22 @@ from conftest import make_tiny_model, tiny_prompt
 from memflow_nb.engine.config import StreamConfig
 from memflow_nb.engine.steps import init_state, set_prompt, step
 from memflow_nb.generation import generate
-from memflow_nb.hub import load
+from memflow_nb.pipeline import load
 from memflow_nb.timeline.model import Timeline
 
 
 # -- streams past the RoPE table --------------------------------------------------------------------
 
-def run_chunks(model, n, stream, hw=(32, 32), seed=0):
-    state = init_state(model, stream, tiny_prompt(0), height=hw[0], width=hw[1], seed=seed)
-    outs = []
-    for _ in range(n):
-        state, x0 = step(model, state)
-        outs.append(x0)
-    return state, outs
+@pytest.fixture
+def run_chunks(stream_states):
+    """run_chunks(model, n, stream): (the state after n chunks of a 32x32 stream, their outputs)."""
+    def run(model, n, stream, hw=(32, 32), seed=0):
+        states, outs = stream_states(model, n, stream, hw=hw, seed=seed, prompt_seed=0)
+        return states[-1], outs
+    return run
 
 
-def test_rebasing_keeps_window_attention_exact():
+def test_rebasing_keeps_window_attention_exact(run_chunks, make_tiny_model):
     """With window-only attention (no sink, no bank) only relative positions matter, so a stream
     re-based many times equals one with an unlimited position table."""
     stream = StreamConfig(sink_size=0, bank_size=0, local_attn_size=6)
@@ -41,7 +41,7 @@ def test_rebasing_keeps_window_attention_exact():
     assert max((x - y).abs().max().item() for x, y in zip(a, b)) < 1e-4
 
 
-def test_positions_never_pass_the_table(monkeypatch):
+def test_positions_never_pass_the_table(monkeypatch, run_chunks, tiny_prompt, make_tiny_model):
     model = make_tiny_model(rope_max_positions=24)
     seen = []
     real = model_mod.rope_cos_sin
@@ -59,13 +59,13 @@ def test_positions_never_pass_the_table(monkeypatch):
 
 
 LONG_RUN = textwrap.dedent("""
-    import gc, json, os, sys
+    import dataclasses, gc, json, os
     import torch
     sys.path.insert(0, "tests")
     from conftest import make_tiny_model, make_tiny_vae, tiny_prompt
     from memflow_nb.engine.config import StreamConfig
     from memflow_nb.engine.steps import init_state, step
-    from memflow_nb.vae import decode_chunk, init_decode_state
+    from memflow_nb.decode import decode_chunk, init_decode_state
     model = make_tiny_model(rope_max_positions=64)
     vae = make_tiny_vae()
     state = init_state(model, StreamConfig(), tiny_prompt(0), height=32, width=32, seed=1)
@@ -159,19 +159,19 @@ def test_interrupted_step_leaves_the_state_usable(tiny_model):
     (0, 64, "height=0"), (64, -16, "width=-16"), (100, 64, "not divisible by 16"),
     ("480", 64, "height='480'"), (16 * 4096, 16 * 4096, "GB is free"),
 ])
-def test_absurd_resolutions_fail_before_allocating(tiny_model, height, width, message):
+def test_absurd_resolutions_fail_before_allocating(tiny_model, height, width, message, tiny_prompt):
     with pytest.raises(ValueError, match=message):
         init_state(tiny_model, StreamConfig(), tiny_prompt(0), height=height, width=width)
 
 
 @pytest.mark.parametrize("seed, error", [(-1, ValueError), (2 ** 63, ValueError), ("7", TypeError),
                                          (1.5, TypeError), (True, TypeError)])
-def test_seeds_outside_the_generator_range(tiny_model, seed, error):
+def test_seeds_outside_the_generator_range(tiny_model, seed, error, tiny_prompt):
     with pytest.raises(error, match="seed"):
         init_state(tiny_model, StreamConfig(), tiny_prompt(0), height=32, width=32, seed=seed)
 
 
-def test_nan_prompt_embeddings_are_refused(tiny_model):
+def test_nan_prompt_embeddings_are_refused(tiny_model, tiny_prompt):
     pe = tiny_prompt(0)
     pe[0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):

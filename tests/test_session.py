@@ -12,7 +12,7 @@ from conftest import chunk_timeline
 from memflow_nb.checkpoints import Checkpoints
 from memflow_nb.cli import main as cli_main
 from memflow_nb.generation import Session, SessionError, generate
-from memflow_nb.tae import TAEDecodeState
+from memflow_nb.decode.tae import TAEDecodeState
 from memflow_nb.timeline.clock import frames_of_chunks
 from memflow_nb.video import read_video
 

@@ -10,12 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-import memflow_nb.tae as tae_mod
-from memflow_nb.io import KeyMismatch, WeightsCorrupt, WeightsNotFound
-from memflow_nb.tae import (TAEConfig, TAEDecoder, TAEDecodeState, init_tae_state, load_tae, load_tae_decoder,
-                            split_tae_state_dict, tae_decode_chunk, tae_decode_video, tae_download_command)
-from memflow_nb.testing import recipe_weights
-from memflow_nb.vae import WAN21_LATENT_MEAN, WAN21_LATENT_STD, to_uint8
+import memflow_nb.decode.tae as tae_mod
+import memflow_nb.weights.download as download_mod
+from memflow_nb.decode import (TAEConfig, TAEDecoder, TAEDecodeState, decode_chunk, decode_video,
+                               init_decode_state, to_uint8)
+from memflow_nb.decode.vae import WAN21_LATENT_MEAN, WAN21_LATENT_STD
+from memflow_nb.weights import KeyMismatch, WeightsCorrupt, WeightsNotFound, hf_download_command, recipe_weights
+from memflow_nb.weights.decoders import load_tae, load_tae_decoder, split_tae_state_dict
+from memflow_nb.weights.download import tae_files
 
 
 # --------------------------------------------------------------------- the checkpoint layout
@@ -87,13 +89,13 @@ def tae():
 @pytest.fixture(scope="module")
 def clip(tae):
     latents = 1.5 * torch.randn(2, 6, 16, 4, 6, generator=torch.Generator().manual_seed(0))
-    return latents, tae_decode_video(tae, latents)
+    return latents, decode_video(tae, latents)
 
 
 def _in_chunks(tae, latents, sizes):
-    state, outs, start = init_tae_state(tae), [], 0
+    state, outs, start = init_decode_state(tae), [], 0
     for n in sizes:
-        px, state = tae_decode_chunk(tae, latents[:, start:start + n], state)
+        px, state = decode_chunk(tae, latents[:, start:start + n], state)
         outs.append(px)
         start += n
     assert state.latent_frames == latents.shape[1]
@@ -174,17 +176,17 @@ def test_input_clamp_is_tanh_x_over_3_times_3():
 def test_state_is_functional(tae, clip):
     latents = clip[0][:, :6].clone()
     keep = latents.clone()
-    s0 = init_tae_state(tae)
-    px0, s1 = tae_decode_chunk(tae, latents[:, :3], s0)
+    s0 = init_decode_state(tae)
+    px0, s1 = decode_chunk(tae, latents[:, :3], s0)
     assert all(m is None for m in s0.memory) and s0.latent_frames == 0
     saved = [m.clone() for m in s1.memory]
-    a, s2a = tae_decode_chunk(tae, latents[:, 3:], s1)
-    b, s2b = tae_decode_chunk(tae, latents[:, 3:], s1)
+    a, s2a = decode_chunk(tae, latents[:, 3:], s1)
+    b, s2b = decode_chunk(tae, latents[:, 3:], s1)
     assert torch.equal(a, b) and all(torch.equal(x, y) for x, y in zip(s2a.memory, s2b.memory))
     assert all(torch.equal(m, s) for m, s in zip(s1.memory, saved))  # the old state was not touched
     assert torch.equal(latents, keep)
     # the fresh state still starts a clip: same first chunk again, trimmed again
-    again, _ = tae_decode_chunk(tae, latents[:, :3], s0)
+    again, _ = decode_chunk(tae, latents[:, :3], s0)
     assert torch.equal(again, px0)
     assert isinstance(s1, TAEDecodeState) and (s1.latent_frames, s1.latent_shape) == (3, (2, 4, 6))
     assert [tuple(m.shape) for m in s1.memory[::3]] == [(2, 256, 4, 6), (2, 128, 8, 12), (2, 64, 16, 24)]
@@ -193,14 +195,14 @@ def test_state_is_functional(tae, clip):
 
 
 def test_bad_latents_are_refused(tae):
-    state = init_tae_state(tae)
+    state = init_decode_state(tae)
     with pytest.raises(ValueError, match="16"):
-        tae_decode_chunk(tae, torch.zeros(1, 3, 8, 4, 6), state)
+        decode_chunk(tae, torch.zeros(1, 3, 8, 4, 6), state)
     with pytest.raises(ValueError, match="5-D"):
-        tae_decode_chunk(tae, torch.zeros(3, 16, 4, 6), state)
-    _, s1 = tae_decode_chunk(tae, torch.zeros(1, 1, 16, 4, 6), state)
+        decode_chunk(tae, torch.zeros(3, 16, 4, 6), state)
+    _, s1 = decode_chunk(tae, torch.zeros(1, 1, 16, 4, 6), state)
     with pytest.raises(ValueError, match="differ from the stream"):
-        tae_decode_chunk(tae, torch.zeros(1, 1, 16, 4, 8), s1)
+        decode_chunk(tae, torch.zeros(1, 1, 16, 4, 8), s1)
 
 
 def test_to_uint8_works_on_the_output(clip):
@@ -217,9 +219,9 @@ def test_denormalize_maps_latents_with_the_wan_mean_and_std(tae, clip):
     light, _ = load_tae_decoder(_random_sd(7), TAEConfig(denormalize=True))
     mean = torch.tensor(WAN21_LATENT_MEAN).view(1, 1, -1, 1, 1)
     std = torch.tensor(WAN21_LATENT_STD).view(1, 1, -1, 1, 1)
-    torch.testing.assert_close(tae_decode_video(light, latents), tae_decode_video(tae, latents * std + mean),
+    torch.testing.assert_close(decode_video(light, latents), decode_video(tae, latents * std + mean),
                                rtol=0, atol=1e-6)
-    assert not torch.equal(tae_decode_video(light, latents), tae_decode_video(tae, latents))
+    assert not torch.equal(decode_video(light, latents), decode_video(tae, latents))
 
 
 # ----------------------------------------------------------------------------------- loading
@@ -231,13 +233,6 @@ def fake_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("tae") / "taew2_1.pth"
     torch.save(sd, path)
     return path, sd
-
-
-@pytest.fixture
-def no_network(monkeypatch):
-    def refuse(*a, **k):
-        raise AssertionError("hf_hub_download must not be called")
-    monkeypatch.setattr("huggingface_hub.hf_hub_download", refuse)
 
 
 def _assert_loaded(dec, sd, dtype=torch.float32):
@@ -253,7 +248,7 @@ def test_load_from_a_path(fake_file, no_network):
     dec = load_tae(path, dtype=torch.bfloat16)
     _assert_loaded(dec, sd, torch.bfloat16)
     assert not dec.config.denormalize
-    assert tae_decode_video(dec, torch.zeros(1, 1, 16, 2, 2)).shape == (1, 1, 3, 16, 16)
+    assert decode_video(dec, torch.zeros(1, 1, 16, 2, 2)).shape == (1, 1, 3, 16, 16)
 
 
 def test_load_from_local_dir_offline(fake_file, tmp_path, no_network, monkeypatch):
@@ -309,7 +304,7 @@ def test_download_call_and_failure(fake_file, tmp_path, monkeypatch):
         Path(local_dir).mkdir(parents=True, exist_ok=True)
         return str(shutil.copy(fake_file[0], Path(local_dir) / filename))
 
-    monkeypatch.setattr(tae_mod, "_offline", lambda: False)
+    monkeypatch.setattr(download_mod, "_offline", lambda: False)
     monkeypatch.setattr("huggingface_hub.hf_hub_download", fake_download)
     _assert_loaded(load_tae(None, local_dir=tmp_path / "d", revision="r1"), fake_file[1])
     assert calls == [("lightx2v/Autoencoders", "taew2_1.pth", "r1", tmp_path / "d", False)]
@@ -321,7 +316,7 @@ def test_download_call_and_failure(fake_file, tmp_path, monkeypatch):
     monkeypatch.setattr("huggingface_hub.hf_hub_download", failing)
     with pytest.raises(WeightsNotFound, match="ConnectionError: network is unreachable") as ei:
         load_tae(None)
-    assert tae_download_command() in str(ei.value) == str(ei.value)
+    assert hf_download_command(tae_files()) in str(ei.value) == str(ei.value)
 
 
 def test_truncated_file_names_it(fake_file, tmp_path):

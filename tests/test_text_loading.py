@@ -9,13 +9,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from memflow_nb.hub import tiny_tokenizer
-from memflow_nb.io import KeyMismatch
+from memflow_nb.pipeline import tiny_tokenizer
+from memflow_nb.weights import KeyMismatch
 from memflow_nb.live_bytes import LiveTensorBytes
 from memflow_nb.testing import recipe_weights
 from memflow_nb.text_encoder import T5Config, UMT5Encoder
-from memflow_nb.text_loading import (BlockwiseEncoder, TextEncoderPlacement, choose_mode, encode_peak_bytes,
-                                     load_prompt_encoder, read_text_encoder_file, text_encoder_dtype,
+from memflow_nb.weights.text import (BlockwiseEncoder, TextEncoderPlacement, choose_mode, encode_peak_bytes,
+                                     load_text_encoder, read_text_encoder_file, text_encoder_dtype,
                                      text_encoder_placement)
 
 # umT5-XXL's layout (24 blocks, ffn = 2.5 x dim, 32 buckets) at a width that writes in milliseconds.
@@ -93,8 +93,8 @@ def _encode_reference(encoder, folder, prompts=PROMPTS):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_streamed_equals_resident_exactly(folder, bf16_pth, dtype):
-    streamed = load_prompt_encoder(bf16_pth, folder, "streamed", device="cpu", dtype=dtype)
-    resident = load_prompt_encoder(bf16_pth, folder, "cpu", dtype=dtype)
+    streamed = load_text_encoder(bf16_pth, folder, "streamed", device="cpu", dtype=dtype)
+    resident = load_text_encoder(bf16_pth, folder, "cpu", dtype=dtype)
     assert isinstance(streamed.encoder, BlockwiseEncoder) and streamed.encoder.streamed
     assert isinstance(resident.encoder, UMT5Encoder)
     a, b = streamed.encode_all(PROMPTS), resident.encode_all(PROMPTS)
@@ -107,7 +107,7 @@ def test_streamed_equals_resident_exactly(folder, bf16_pth, dtype):
 
 
 def test_encode_all_reads_each_block_once(folder, bf16_pth):
-    text = load_prompt_encoder(bf16_pth, folder, "streamed", device="cpu", dtype=torch.float32)
+    text = load_text_encoder(bf16_pth, folder, "streamed", device="cpu", dtype=torch.float32)
     made = []
     build = text.encoder._block
     text.encoder._block = lambda i: made.append(i) or build(i)
@@ -123,12 +123,12 @@ def test_streamed_peak_host_memory_is_one_block(folder, bf16_pth):
     info, _ = read_text_encoder_file(bf16_pth)
     block = info.block_bytes(torch.float32)
     with LiveTensorBytes() as live:
-        text = load_prompt_encoder(bf16_pth, folder, "streamed", device="cpu", dtype=torch.float32)
+        text = load_text_encoder(bf16_pth, folder, "streamed", device="cpu", dtype=torch.float32)
         emb = text.encode_all(PROMPTS)
     peak = live.peak["cpu"]
     out = emb.numel() * emb.element_size()  # the embeddings themselves, [3, 512, dim] float32
     with LiveTensorBytes() as resident_live:
-        load_prompt_encoder(bf16_pth, folder, "cpu", dtype=torch.float32).encode_all(PROMPTS)
+        load_text_encoder(bf16_pth, folder, "cpu", dtype=torch.float32).encode_all(PROMPTS)
     print(f"file {file_bytes / 1e6:.2f} MB, one block in fp32 {block / 1e6:.3f} MB, embeddings {out / 1e6:.3f} MB: "
           f"streamed peak {peak / 1e6:.3f} MB, resident peak {resident_live.peak['cpu'] / 1e6:.2f} MB")
     # One block plus the embeddings, and a small margin for activations of these short prompts.
@@ -142,7 +142,7 @@ def test_encode_peak_estimate_matches_measurement(folder, bf16_pth, dtype):
     info, _ = read_text_encoder_file(bf16_pth)
     # A bf16 file computed in bf16 on the CPU is used in place (mapped); fp32 widens one block.
     weights = info.block_bytes(dtype) if dtype != torch.bfloat16 else 0
-    text = load_prompt_encoder(bf16_pth, folder, "streamed", device="cpu", dtype=dtype)
+    text = load_text_encoder(bf16_pth, folder, "streamed", device="cpu", dtype=dtype)
     for lengths in ([12], [250], [12, 120, 250]):
         prompts = ["x" * (n - 1) for n in lengths]  # one token per byte, plus </s>
         text.clear()
@@ -169,7 +169,7 @@ def test_fp8_file_loads_and_matches(folder, weights, scaled):
     # Same numbers as a float32 model holding the weights the file stands for, streamed or resident.
     exact = _encode_reference(_reference(_dequantised(tensors)), folder)
     for mode in ("streamed", "cpu"):
-        text = load_prompt_encoder(path, folder, mode, device="cpu", dtype=torch.float32)
+        text = load_text_encoder(path, folder, mode, device="cpu", dtype=torch.float32)
         assert torch.equal(text.encode_all(PROMPTS), exact), mode
     # Those weights are the float32 ones up to e4m3 rounding: 3 mantissa bits (relative error
     # <= 2^-4), subnormals below 2^-6 (absolute error <= 2^-10) -- times the scale, if any.
@@ -190,7 +190,7 @@ def test_fp8_file_loads_and_matches(folder, weights, scaled):
 def test_fp8_resident_keeps_linears_in_fp8(folder, weights):
     path = folder / "resident_fp8.safetensors"
     save_file(_fp8_tensors(weights, False), str(path))
-    text = load_prompt_encoder(path, folder, "cpu", dtype=torch.float32)
+    text = load_text_encoder(path, folder, "cpu", dtype=torch.float32)
     enc = text.encoder
     assert isinstance(enc, BlockwiseEncoder) and not enc.streamed
     assert enc.tensors["blocks.0.attn.q.weight"].dtype == torch.float8_e4m3fn
@@ -250,7 +250,7 @@ def test_pth_with_a_wrong_shape_is_refused(folder, weights, tmp_path):
     sd["blocks.7.attn.o.weight"] = torch.zeros(SMALL.dim, SMALL.dim + 1, dtype=torch.bfloat16)
     torch.save(sd, tmp_path / "bad.pth")
     with pytest.raises(KeyMismatch, match=r"blocks\.7\.attn\.o\.weight: \[128, 129\]"):
-        load_prompt_encoder(tmp_path / "bad.pth", folder, "streamed", device="cpu")
+        load_text_encoder(tmp_path / "bad.pth", folder, "streamed", device="cpu")
 
 
 # ------------------------------------------------------------------ placement
@@ -295,7 +295,7 @@ def test_placement_validation():
 def test_load_takes_the_fp8_file_and_never_fetches_the_pth(tmp_path, monkeypatch):
     from test_io import TINY_T5, WAN, write_hub_layout
 
-    from memflow_nb.hub import load
+    from memflow_nb.pipeline import load
 
     root = tmp_path / "hub"
     write_hub_layout(root)

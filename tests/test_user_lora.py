@@ -12,9 +12,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from memflow_nb import hub
+from memflow_nb import pipeline as hub
 from memflow_nb.engine.config import ModelConfig
-from memflow_nb.io import KeyMismatch, UnsafeCheckpoint
+from memflow_nb.weights import KeyMismatch, UnsafeCheckpoint
 from memflow_nb.lora_stack import add_lora, add_loras, lora_scales, remove_lora, set_lora_scale
 from memflow_nb.engine.model import CausalWanModel
 from memflow_nb.testing import recipe_weights

@@ -11,9 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from memflow_nb.testing import recipe_weights
-from memflow_nb.vae import (VAEConfig, VAEDecodeState, WanVAEDecoder, decode_chunk, decode_video,
-                            init_decode_state, load_vae_decoder, split_vae_state_dict, to_uint8)
+from memflow_nb.decode import (VAEConfig, VAEDecodeState, WanVAEDecoder, decode_chunk, decode_video,
+                               init_decode_state, to_uint8)
+from memflow_nb.weights import recipe_weights
+from memflow_nb.weights.decoders import load_vae_decoder, split_vae_state_dict
 
 DATA = Path(__file__).parent / "data"
 SMALL = VAEConfig(dim=8)

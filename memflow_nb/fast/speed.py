@@ -107,7 +107,7 @@ def optimize(pipe, mode: str = "exact", *, graphs: Optional[bool] = None, tae=No
     the stream settings turn SMA on.
 
     graphs: see `optimize_model`.
-    tae: fast mode only: a TAEDecoder (`memflow_nb.tae.load_tae()`) to use for previews instead
+    tae: fast mode only: a TAEDecoder (`memflow_nb.weights.load_tae()`) to use for previews instead
         of the Wan VAE (25x fewer FLOPs, lower quality).
     """
     from .vae import compile_vae

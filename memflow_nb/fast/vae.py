@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ..vae import WanVAEDecoder
+from ..decode.vae import WanVAEDecoder
 
 
 class CompiledVAE(WanVAEDecoder):

@@ -7,6 +7,7 @@ import gc
 import json
 import os
 import pickle
+import re
 import shutil
 from pathlib import Path
 
@@ -14,18 +15,19 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import memflow_nb.io as mio
-from memflow_nb import hub
+import memflow_nb.weights.dit as dit_mod
+import memflow_nb.weights.download as download_mod
+from memflow_nb.decode import VAEConfig, WanVAEDecoder, decode_chunk, init_decode_state
 from memflow_nb.engine.config import ModelConfig
-from memflow_nb.hub import REPOS, Pipeline, fetch_weights, load, tiny_tokenizer
-from memflow_nb.io import (KeyMismatch, UnsafeCheckpoint, WeightsCorrupt, WeightsNotFound, check_state_dict,
-                           dit_state_dict, infer_dit_config, infer_t5_config, load_dit, load_text_encoder,
-                           load_vae, lora_state_dict, merge_lora)
 from memflow_nb.engine.model import CausalWanModel
 from memflow_nb.engine.steps import init_state, step
-from memflow_nb.testing import recipe_weights
+from memflow_nb.pipeline import Pipeline, load, tiny_tokenizer
 from memflow_nb.text_encoder import T5_PRESETS, T5Config, UMT5Encoder
-from memflow_nb.vae import VAEConfig, WanVAEDecoder, decode_chunk, init_decode_state
+from memflow_nb.weights import (REPOS, KeyMismatch, UnsafeCheckpoint, WeightsCorrupt, WeightsNotFound,
+                                check_state_dict, fetch_weights, infer_dit_config, infer_t5_config, load_dit,
+                                load_text_encoder, load_vae, merge_lora, meta_shapes, random_module,
+                                read_checkpoint, recipe_weights)
+from memflow_nb.weights.dit import dit_state_dict, lora_state_dict
 
 DATA = Path(__file__).parent / "data"
 TINY = ModelConfig.from_name("tiny")
@@ -38,13 +40,8 @@ REQUIRED = ["Wan2.1_VAE.pth", "models_t5_umt5-xxl-enc-bf16.pth", "google/umt5-xx
 
 # ------------------------------------------------------------------------------ file makers
 
-def _shapes(build) -> dict:
-    with torch.device("meta"):
-        return {k: tuple(v.shape) for k, v in build().state_dict().items()}
-
-
 def tiny_dit_weights(seed=3) -> dict:
-    return recipe_weights(_shapes(lambda: CausalWanModel(TINY)), seed)
+    return recipe_weights(meta_shapes(lambda: CausalWanModel(TINY)), seed)
 
 
 def tiny_lora(cfg=TINY, rank=RANK, seed=4) -> dict:
@@ -61,7 +58,7 @@ def tiny_lora(cfg=TINY, rank=RANK, seed=4) -> dict:
     return out
 
 
-def vae_shapes(dim: int) -> dict:
+def vaemeta_shapes(dim: int) -> dict:
     """The full 194-tensor Wan2.1_VAE.pth layout (encoder included) at width `dim` instead of 96."""
     full = json.loads((DATA / "recipe_keys.json").read_text())["vae"]
     # Channel counts are multiples of 96; the other sizes (RGB 3, z 16 / 32, kernels) are not.
@@ -80,9 +77,9 @@ def write_hub_layout(root: Path, *, base=None, lora=None) -> dict:
     tok_dir.mkdir(parents=True, exist_ok=True)
     torch.save({"generator": {"model." + k: v for k, v in base.items()}, "step": 100}, root / MF / "base.pt")
     torch.save({"generator_lora": lora, "step": 100}, root / MF / "lora.pt")
-    t5 = {k: v.to(torch.bfloat16) for k, v in recipe_weights(_shapes(lambda: UMT5Encoder(TINY_T5)), 5).items()}
+    t5 = {k: v.to(torch.bfloat16) for k, v in recipe_weights(meta_shapes(lambda: UMT5Encoder(TINY_T5)), 5).items()}
     torch.save(t5, root / WAN / "models_t5_umt5-xxl-enc-bf16.pth")
-    vae = recipe_weights(vae_shapes(8), 6)
+    vae = recipe_weights(vaemeta_shapes(8), 6)
     torch.save(vae, root / WAN / "Wan2.1_VAE.pth")
     tiny_tokenizer().save(str(tok_dir / "tokenizer.json"))
     return {"base": base, "lora": lora, "t5": t5, "vae": vae}
@@ -92,13 +89,6 @@ def write_hub_layout(root: Path, *, base=None, lora=None) -> dict:
 def hub_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("hub")
     return root, write_hub_layout(root)
-
-
-@pytest.fixture
-def no_network(monkeypatch):
-    def refuse(*a, **k):
-        raise AssertionError("snapshot_download must not be called")
-    monkeypatch.setattr("huggingface_hub.snapshot_download", refuse)
 
 
 def merged_expected(base, lora, scale=1.0) -> dict:
@@ -148,7 +138,7 @@ def test_full_size_checkpoint_keys_map_onto_the_13b_model():
     assert len(sd) == 825 and not any(k.startswith("model.") for k in sd)
     cfg = infer_dit_config(sd)
     assert cfg == ModelConfig.from_name("wan2.1-t2v-1.3b")
-    expected = _shapes(lambda: CausalWanModel(cfg))
+    expected = meta_shapes(lambda: CausalWanModel(cfg))
     check_state_dict(expected, sd)
     lsd = lora_state_dict(lora)
     assert len(lsd) == 600
@@ -217,7 +207,7 @@ def test_git_lfs_pointer_is_explained(tmp_path):
     path = tmp_path / "lora.pt"
     path.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0123\nsize 700000000\n")
     with pytest.raises(WeightsCorrupt, match="Git LFS pointer") as ei:
-        mio.read_checkpoint(path)
+        read_checkpoint(path)
     assert str(path) in str(ei.value) and "git lfs pull" in str(ei.value)
 
 
@@ -351,9 +341,9 @@ def test_merged_cache_is_used_and_invalidated(tmp_path, monkeypatch):
     del first  # its unmerged tensors are memory-mapped from base.pt, which is rewritten below
     entries = list(cache.glob("dit-*.safetensors"))
     assert len(entries) == 1
-    real_read = mio.read_checkpoint
+    real_read = dit_mod.read_checkpoint
     reads = []
-    monkeypatch.setattr(mio, "read_checkpoint", lambda p: reads.append(Path(p)) or real_read(p))
+    monkeypatch.setattr(dit_mod, "read_checkpoint", lambda p: reads.append(Path(p)) or real_read(p))
     second = load_dit(base, lora, cache_dir=cache)
     assert reads == []  # neither source was opened
     assert_weights(second, first_sd, atol=0)
@@ -392,7 +382,7 @@ def test_tokenizer_folder_without_files(hub_dir, tmp_path):
 
 
 def test_tokenizer_bigger_than_the_encoder_vocab(hub_dir, tmp_path):
-    small = {k: v for k, v in recipe_weights(_shapes(lambda: UMT5Encoder(
+    small = {k: v for k, v in recipe_weights(meta_shapes(lambda: UMT5Encoder(
         T5Config(vocab=100, dim=32, dim_attn=32, dim_ffn=64, num_heads=4, num_layers=1, num_buckets=32))), 0).items()}
     torch.save(small, tmp_path / "t5.pth")
     with pytest.raises(KeyMismatch, match="259 tokens but the encoder"):
@@ -401,7 +391,7 @@ def test_tokenizer_bigger_than_the_encoder_vocab(hub_dir, tmp_path):
 
 def test_vae_skips_encoder_keys_and_refuses_strays(hub_dir, tmp_path, caplog):
     path = hub_dir[0] / WAN / "Wan2.1_VAE.pth"
-    with caplog.at_level("INFO", logger="memflow_nb.io"):
+    with caplog.at_level("INFO", logger="memflow_nb.weights.decoders"):
         vae = load_vae(path, dtype=torch.bfloat16)
     assert "skipped 86 encoder-only tensors" in caplog.text and str(path) in caplog.text
     assert vae.config == VAEConfig(dim=8) and next(vae.parameters()).dtype == torch.bfloat16
@@ -478,7 +468,7 @@ def test_download_path_fetches_only_needed_files_with_pinned_revisions(hub_dir, 
         shutil.copytree(hub_dir[0] / folder, local_dir, dirs_exist_ok=True)
         return str(local_dir)
 
-    monkeypatch.setattr(hub, "_offline", lambda: False)
+    monkeypatch.setattr(download_mod, "_offline", lambda: False)
     monkeypatch.setattr("huggingface_hub.snapshot_download", fake_snapshot_download)
     root = tmp_path / "w"
     revs = {"Wan-AI/Wan2.1-T2V-1.3B": "r-wan", "KlingTeam/MemFlow": "r-mf"}
@@ -530,3 +520,37 @@ def test_tiny_pipeline_is_reproducible_and_seeded():
     assert torch.equal(a.text(["x"]), b.text(["x"])) and not torch.equal(a.text(["x"]), c.text(["x"]))
     with pytest.raises(ValueError, match="unknown pipeline"):
         load("huge")
+
+
+# ------------------------------------------------------------------------ messages, recipe
+
+def test_messages_point_to_readme_sections_that_exist(tmp_path, hub_dir):
+    from memflow_nb.weights.errors import README_SECTIONS
+
+    readme = (DATA.parent.parent / "README.md").read_text()
+    headings = {m.group(1).strip() for m in re.finditer(r"^#+ (.+)$", readme, re.M)}
+    assert set(README_SECTIONS) <= headings, set(README_SECTIONS) - headings
+    (tmp_path / "lfs.pt").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 9\n")
+    (tmp_path / "cut.pt").write_bytes((hub_dir[0] / MF / "base.pt").read_bytes()[:500])
+    messages = []
+    for path in (tmp_path / "absent.pt", tmp_path / "lfs.pt", tmp_path / "cut.pt"):
+        with pytest.raises((WeightsNotFound, WeightsCorrupt)) as ei:
+            read_checkpoint(path)
+        messages.append(str(ei.value))
+    with pytest.raises(WeightsNotFound) as ei:
+        load_text_encoder(hub_dir[0] / WAN / "models_t5_umt5-xxl-enc-bf16.pth", tmp_path)
+    messages.append(str(ei.value))
+    for msg in messages:
+        named = re.findall(r'README, section "([^"]+)"', msg)
+        assert named and set(named) <= headings, msg
+        assert "docs/" not in msg
+
+
+def test_random_module_is_the_recipe_cast_and_built_on_meta():
+    build = lambda: CausalWanModel(TINY)  # noqa: E731
+    model = random_module(build, 7, dtype=torch.bfloat16)
+    want = {k: v.to(torch.bfloat16) for k, v in recipe_weights(meta_shapes(build), 7).items()}
+    assert_weights(model, want, atol=0)
+    assert all(p.dtype == torch.bfloat16 and not p.requires_grad for p in model.parameters())
+    assert not model.training
+    assert not torch.equal(random_module(build, 8).blocks[0].ffn[0].weight, model.blocks[0].ffn[0].weight.float())

@@ -1,7 +1,7 @@
 """Where the umT5 text encoder runs, and getting its weights there without a second copy.
 
     placement = text_encoder_placement("auto", "cuda")        # "gpu" when it fits, else "streamed"
-    text = load_prompt_encoder("models_t5_umt5-xxl-enc-bf16.pth", "google/umt5-xxl", placement,
+    text = load_text_encoder("models_t5_umt5-xxl-enc-bf16.pth", "google/umt5-xxl", placement,
                                output_device="cuda")
     emb = text.encode_all(["a fox", "an owl"])                  # [2, 512, 4096], one pass over the file
 
@@ -41,14 +41,15 @@ from typing import Mapping
 import torch
 from torch import Tensor
 
-from .io import KeyMismatch, WeightsNotFound, _safetensors_header, _tensors_only, infer_t5_config, read_checkpoint
-from .precision import BF16_CAPABILITY, cuda_capability, resolve_dtype
-from .engine.checks import free_bytes as _free_bytes  # free memory of a device: CUDA's, or MemAvailable on the CPU
-from .text_encoder import PromptEncoder, RelativeBias, RMSNorm, T5Config, Tokenizer, UMT5Encoder, Block, run_stack
+from .errors import KeyMismatch, WeightsNotFound
+from .files import read_checkpoint, safetensors_header, tensors_only
+from ..precision import BF16_CAPABILITY, cuda_capability, resolve_dtype
+from ..engine.checks import free_bytes as _free_bytes  # free memory of a device: CUDA's, or MemAvailable on the CPU
+from ..text_encoder import PromptEncoder, RelativeBias, RMSNorm, T5Config, Tokenizer, UMT5Encoder, Block, run_stack
 
 __all__ = ["MODES", "TextEncoderPlacement", "text_encoder_dtype", "choose_mode", "text_encoder_placement",
            "TextEncoderFile", "encode_peak_bytes", "read_text_encoder_file", "BlockwiseEncoder",
-           "load_prompt_encoder"]
+           "load_text_encoder"]
 
 MODES = ("gpu", "streamed", "cpu")
 FP8 = torch.float8_e4m3fn
@@ -61,6 +62,22 @@ _HIGH = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 
 
 # ------------------------------------------------------------------------------------ placement
+
+def infer_t5_config(sd: Mapping[str, Tensor], *, source="checkpoint") -> T5Config:
+    """A T5Config read off the shapes of a Wan umT5 encoder state dict (242 tensors for umT5-XXL)."""
+    shared = "pos_embedding.embedding.weight" in sd
+    pos = "pos_embedding.embedding.weight" if shared else "blocks.0.pos_embedding.embedding.weight"
+    need = ["token_embedding.weight", "blocks.0.attn.q.weight", "blocks.0.ffn.fc1.weight", pos]
+    absent = [k for k in need if k not in sd]
+    if absent:
+        raise KeyMismatch(f"{source}: cannot infer the text encoder config, missing {absent}", missing=absent)
+    vocab, dim = sd["token_embedding.weight"].shape
+    buckets, heads = sd[pos].shape
+    layers = {int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))}
+    return T5Config(vocab=vocab, dim=dim, dim_attn=sd["blocks.0.attn.q.weight"].shape[0],
+                    dim_ffn=sd["blocks.0.ffn.fc1.weight"].shape[0], num_heads=heads, num_layers=max(layers) + 1,
+                    num_buckets=buckets, shared_pos=shared)
+
 
 @dataclass(frozen=True)
 class TextEncoderPlacement:
@@ -206,12 +223,12 @@ def read_text_encoder_file(path: str | os.PathLike, config: T5Config | None = No
     if path.suffix == ".safetensors":
         if not path.is_file():
             read_checkpoint(path)  # raises the usual "no such file" message
-        header = _safetensors_header(path, path.stat().st_size)
+        header = safetensors_header(path)
         stored = {k: (_ST_DTYPES.get(v["dtype"], v["dtype"]), tuple(v["shape"]))
                   for k, v in header.items() if k != "__metadata__"}
         tensors = None
     else:
-        tensors = _tensors_only(read_checkpoint(path), path, "text encoder file")
+        tensors = tensors_only(read_checkpoint(path), path, "text encoder file")
         stored = {k: (v.dtype, tuple(v.shape)) for k, v in tensors.items()}
     if "shared.weight" in stored or any(k.startswith("encoder.block.") for k in stored):
         raise KeyMismatch(f"{path} uses Hugging Face T5 names (shared.weight, encoder.block.N...), as ComfyUI's "
@@ -359,7 +376,7 @@ class BlockwiseEncoder:
         return self
 
 
-def load_prompt_encoder(path: str | os.PathLike, tokenizer_dir: str | os.PathLike,
+def load_text_encoder(path: str | os.PathLike, tokenizer_dir: str | os.PathLike,
                         placement: str | TextEncoderPlacement = "auto", *, device=None, dtype="auto",
                         reserve_bytes: int = 0, output_device=None, config: T5Config | None = None,
                         trim: bool = True) -> PromptEncoder:
@@ -375,7 +392,7 @@ def load_prompt_encoder(path: str | os.PathLike, tokenizer_dir: str | os.PathLik
         has = sorted(p.name for p in tokenizer_dir.iterdir()) if tokenizer_dir.is_dir() else None
         raise WeightsNotFound(f"tokenizer folder {tokenizer_dir} has no tokenizer.json "
                               f"({'it does not exist' if has is None else f'it holds {has[:10]}'}). Download "
-                              "google/umt5-xxl/* from Wan-AI/Wan2.1-T2V-1.3B (see docs/weights.md).")
+                              "google/umt5-xxl/* from Wan-AI/Wan2.1-T2V-1.3B (README, section 'Weights').")
     info, tensors = read_text_encoder_file(path, config)
     tokenizer = Tokenizer(tokenizer_dir)
     if tokenizer.vocab_size > info.cfg.vocab:

@@ -12,28 +12,26 @@ The one special case is the temporal upsample: latent frame 0 makes a single pix
 time conv skips frame 0 (the official code marks its cache "Rep"), so the time conv only ever
 sees frames 1, 2, ... with zeros in front, and each of those frames becomes two.
 
-Layouts: the public functions take latents [B, T, C, h, w] (normalised, as the generator makes
-them) and return pixels [B, T_pix, 3, H, W]; inside, tensors are [B, C, T, H, W] like the
-official code, because Conv3d wants channels before time.
+Layouts: `decode` takes latents [B, T, C, h, w] (normalised, as the generator makes them) and
+returns pixels [B, T_pix, 3, H, W]; inside, tensors are [B, C, T, H, W] like the official code,
+because Conv3d wants channels before time. Loading: `memflow_nb.weights.load_vae`.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Mapping, Sequence
+from typing import Sequence
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange
+
+from .protocol import CausalDecoder, causal_pixel_frames, check_latents, moved
 
 WAN21_LATENT_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
                      0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921)
 WAN21_LATENT_STD = (2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
                     3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160)
-
-# Key prefixes of the full VAE checkpoint that only the encoder uses.
-ENCODER_PREFIXES = ("encoder.", "conv1.")
-
 
 @dataclass(frozen=True)
 class VAEConfig:
@@ -76,9 +74,10 @@ class VAEConfig:
     def temporal_stride(self) -> int:
         return 2 ** sum(self.temporal_downsample)
 
-    def pixel_frames(self, latent_frames: int) -> int:
-        """Pixel frames made by the first `latent_frames` latent frames: 1 + stride * (T - 1)."""
-        return 0 if latent_frames <= 0 else 1 + self.temporal_stride * (latent_frames - 1)
+    def pixel_frames(self, latent_frames: int, first: bool = True) -> int:
+        """Pixel frames made by `latent_frames` latents: 1 + stride * (T - 1) for a clip's first
+        chunk, stride * T later."""
+        return causal_pixel_frames(latent_frames, self.temporal_stride, first)
 
 
 # ------------------------------------------------------------------------------------- layers
@@ -171,13 +170,13 @@ class AttentionBlock(nn.Module):
         self.proj = nn.Conv2d(dim, dim, 1)
 
     def forward(self, x: torch.Tensor, ps: _Pass) -> torch.Tensor:
-        b, c, t, h, w = x.shape
-        tokens = self.norm(x).permute(0, 2, 3, 4, 1).reshape(b * t, h * w, c)
+        b, c, _, h, _ = x.shape
+        tokens = rearrange(self.norm(x), "b c t h w -> (b t) (h w) c")
         # the 1x1 convs are linear maps over channels; q, k, v are consecutive channel blocks
         q, k, v = F.linear(tokens, self.to_qkv.weight.view(3 * c, c), self.to_qkv.bias).chunk(3, dim=-1)
         o = F.scaled_dot_product_attention(q, k, v)
         o = F.linear(o, self.proj.weight.view(c, c), self.proj.bias)
-        o = o.reshape(b, t, h, w, c).permute(0, 4, 1, 2, 3)
+        o = rearrange(o, "(b t) (h w) c -> b c t h w", b=b, h=h)
         return x + o.contiguous(memory_format=ps.memory_format)
 
 
@@ -200,7 +199,7 @@ class Upsample(nn.Module):
             if rest.shape[2] > 0:
                 y = self.time_conv(rest, ps)  # [B, 2C, n, H, W]
                 # channels [:C] are frame 2i, [C:] frame 2i+1
-                y = torch.stack(y.chunk(2, dim=1), dim=3).flatten(2, 3)
+                y = rearrange(y, "b (two c) t h w -> b c (t two) h w", two=2)
                 y = y.contiguous(memory_format=ps.memory_format)
                 x = y if head is None else torch.cat([head, y], dim=2)
             else:  # a chunk of just latent frame 0: nothing for the time conv yet
@@ -242,16 +241,12 @@ class Decoder3d(nn.Module):
         return self.head[2](_norm_silu(x, self.head[0].gamma, self.head[0].scale), ps)
 
 
-class WanVAEDecoder(nn.Module):
-    """The decoding half of the Wan2.1 VAE: `conv2` (1x1x1 on latents) and `decoder`.
-
-    Build on the meta device and load with `load_state_dict(sd, strict=True, assign=True)`, or use
-    `load_vae_decoder`. Holds no decode state; see `decode_chunk`.
-    """
+class WanVAEDecoder(CausalDecoder):
+    """The decoding half of the Wan2.1 VAE (`conv2`, a 1x1x1 conv on latents, and `decoder`), a
+    `memflow_nb.decode.Decoder`; `memflow_nb.weights.load_vae` loads it."""
 
     def __init__(self, config: VAEConfig = VAEConfig()):
-        super().__init__()
-        self.config = config
+        super().__init__(config)
         self.conv2 = CausalConv3d(config.z_dim, config.z_dim, 1)
         self.decoder = Decoder3d(config)
         cached = [m for m in self.decoder.modules() if isinstance(m, CausalConv3d) and m.past > 0]
@@ -259,50 +254,50 @@ class WanVAEDecoder(nn.Module):
             m.slot = slot
         self.num_cache_slots = len(cached)
 
+    def init_state(self) -> "VAEDecodeState":
+        """A fresh state: the next `decode` starts a clip."""
+        return VAEDecodeState(caches=(None,) * self.num_cache_slots)
 
-def split_state_dict(sd: Mapping[str, torch.Tensor], prefixes: tuple[str, ...]
-                     ) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """(keys not starting with `prefixes`, sorted keys that do). Unknown keys stay in the first
-    dict, so a strict load still fails on them."""
-    keep, skipped = {}, []
-    for k, v in sd.items():
-        if k.startswith(prefixes):
-            skipped.append(k)
-        else:
-            keep[k] = v
-    return keep, sorted(skipped)
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, state: "VAEDecodeState", *, per_frame: bool = False,
+               memory_format: torch.memory_format = torch.contiguous_format,
+               ) -> tuple[torch.Tensor, "VAEDecodeState"]:
+        """Decode the next latent frames of a stream.
 
+        latents: [B, T, z_dim, h, w], normalised (mapped here with z * std + mean).
+        Returns (pixels [B, T_pix, 3, h * stride, w * stride] float32, raw decoder output, not
+        clamped; new state), T_pix = `self.pixel_frames(T, first)`. `state` is not changed, so
+        decoding again from it gives the same frames.
 
-def build_loaded(cls, config, sd: Mapping[str, torch.Tensor], device, dtype):
-    """cls(config) built on the meta device, loaded strictly by name (assign), eval, no grads."""
-    with torch.device("meta"):
-        module = cls(config)
-    module.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in sd.items()}, strict=True, assign=True)
-    return module.eval().requires_grad_(False)
+        per_frame=False (default) pushes the whole chunk through each layer at once; per_frame=True
+        runs one latent frame at a time like the official decoder (reference path; same numbers).
+        memory_format=torch.channels_last_3d keeps activations channels-last (faster convs on GPU).
+        """
+        cfg = self.config
+        check_latents(latents, state, len(state.caches), what="VAE", channels="z_dim",
+                      expected_channels=cfg.z_dim, slots=self.num_cache_slots)
+        p = next(self.parameters())
+        z = rearrange(latents.to(device=p.device, dtype=torch.float32), "b t c h w -> b c t h w")
+        mean = torch.tensor(cfg.latent_mean, device=z.device).view(1, -1, 1, 1, 1)
+        std = torch.tensor(cfg.latent_std, device=z.device).view(1, -1, 1, 1, 1)
+        x = (z * std + mean).to(p.dtype).contiguous(memory_format=memory_format)
+        x = self.conv2(x)  # 1x1x1, per frame
 
+        caches, first = state.caches, not state.first_done
+        steps = [x] if not per_frame else list(x.split(1, dim=2))
+        outs = []
+        for step in steps:
+            ps = _Pass(caches, first, memory_format)
+            outs.append(self.decoder(step, ps))
+            caches, first = tuple(ps.new), False
+        pixels = rearrange(torch.cat(outs, dim=2), "b c t h w -> b t c h w").float().contiguous()
+        b, t, _, h, w = latents.shape
+        return pixels, VAEDecodeState(caches, state.latent_frames + t, (b, h, w))
 
-def split_vae_state_dict(sd: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Full VAE state dict -> (everything but the encoder keys, sorted encoder keys dropped)."""
-    return split_state_dict(sd, ENCODER_PREFIXES)
-
-
-def load_vae_decoder(sd: Mapping[str, torch.Tensor], config: VAEConfig = VAEConfig(), *,
-                     device: str | torch.device = "cpu",
-                     dtype: torch.dtype = torch.float32) -> tuple[WanVAEDecoder, list[str]]:
-    """Build the decoder on the meta device and load a full (or decoder-only) VAE state dict.
-
-    Returns (decoder in eval mode without grads, encoder keys skipped). Raises on missing,
-    unexpected or mis-shaped keys.
-    """
-    dec_sd, skipped = split_vae_state_dict(sd)
-    return build_loaded(WanVAEDecoder, config, dec_sd, device, dtype), skipped
-
-
-# ----------------------------------------------------------------------------------- streaming
 
 @dataclass(frozen=True, eq=False)
 class VAEDecodeState:
-    """Where a streaming decode stands. Immutable: `decode_chunk` returns a new one.
+    """Where a streaming decode stands. Immutable: `WanVAEDecoder.decode` returns a new one.
 
     caches: per causal conv (kernel longer than 1 frame), the last kt-1 = 2 input frames
         [B, C, 2, H', W'], or None before the first chunk (the clip starts with zeros).
@@ -314,92 +309,13 @@ class VAEDecodeState:
     latent_frames: int = 0
     latent_shape: tuple[int, int, int] | None = None
 
-    def to(self, device) -> "VAEDecodeState":
-        """The same state with its tensors on `device` (for checkpoints kept off the GPU)."""
-        return replace(self, caches=tuple(None if t is None else t.to(device) for t in self.caches))
-
-    def tensors(self) -> list[torch.Tensor]:
-        """The tensors this state holds (for counting bytes)."""
-        return [t for t in self.caches if t is not None]
-
     @property
     def first_done(self) -> bool:
         return self.latent_frames > 0
 
+    def to(self, device) -> "VAEDecodeState":
+        """The same state with its tensors on `device` (for checkpoints kept off the GPU)."""
+        return replace(self, caches=moved(self.caches, device))
 
-def init_decode_state(vae: WanVAEDecoder) -> VAEDecodeState:
-    """A fresh state: the next `decode_chunk` starts a clip."""
-    return VAEDecodeState(caches=(None,) * vae.num_cache_slots)
-
-
-def _check_latents(vae: WanVAEDecoder, latents: torch.Tensor, state: VAEDecodeState) -> None:
-    cfg = vae.config
-    if not isinstance(latents, torch.Tensor) or latents.dim() != 5:
-        shape = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
-        raise ValueError(f"latents must be [B, T, C, h, w] (5-D), got {shape}")
-    b, t, c, h, w = latents.shape
-    if c != cfg.z_dim:
-        raise ValueError(f"latents have {c} channels at dim 2, the VAE expects z_dim={cfg.z_dim} "
-                         f"(layout [B, T, C, h, w]; got shape {tuple(latents.shape)})")
-    if t < 1:
-        raise ValueError("latents have no frames (T = 0)")
-    if len(state.caches) != vae.num_cache_slots:
-        raise ValueError(f"state has {len(state.caches)} cache slots, this decoder needs {vae.num_cache_slots}")
-    if state.latent_shape is not None and state.latent_shape != (b, h, w):
-        raise ValueError(f"latents (B, h, w) = {(b, h, w)} differ from the stream's {state.latent_shape}")
-
-
-@torch.no_grad()
-def decode_chunk(vae: WanVAEDecoder, latents: torch.Tensor, state: VAEDecodeState, *,
-                 per_frame: bool = False,
-                 memory_format: torch.memory_format = torch.contiguous_format,
-                 ) -> tuple[torch.Tensor, VAEDecodeState]:
-    """Decode the next latent frames of a stream.
-
-    latents: [B, T, z_dim, h, w], normalised (mapped here with z * std + mean).
-    Returns (pixels [B, T_pix, 3, h*8, w*8] float32, raw decoder output, not clamped; new state),
-    with T_pix = 1 + 4(T-1) for the clip's first chunk and 4T afterwards. `state` is not changed,
-    so decoding again from it gives the same frames.
-
-    per_frame=False (default) pushes the whole chunk through each layer at once; per_frame=True
-    runs one latent frame at a time like the official decoder (reference path; same numbers).
-    memory_format=torch.channels_last_3d keeps activations channels-last (faster convs on GPU).
-    """
-    _check_latents(vae, latents, state)
-    cfg = vae.config
-    p = next(vae.parameters())
-    z = latents.to(device=p.device, dtype=torch.float32).permute(0, 2, 1, 3, 4)  # [B, C, T, h, w]
-    mean = torch.tensor(cfg.latent_mean, device=z.device).view(1, -1, 1, 1, 1)
-    std = torch.tensor(cfg.latent_std, device=z.device).view(1, -1, 1, 1, 1)
-    x = (z * std + mean).to(p.dtype).contiguous(memory_format=memory_format)
-    x = vae.conv2(x)  # 1x1x1, per frame
-
-    caches, first = state.caches, not state.first_done
-    steps = [x] if not per_frame else list(x.split(1, dim=2))
-    outs = []
-    for step in steps:
-        ps = _Pass(caches, first, memory_format)
-        outs.append(vae.decoder(step, ps))
-        caches, first = tuple(ps.new), False
-    pixels = torch.cat(outs, dim=2).permute(0, 2, 1, 3, 4).float().contiguous()
-    b, t, _, h, w = latents.shape
-    new_state = VAEDecodeState(caches, state.latent_frames + t, (b, h, w))
-    return pixels, new_state
-
-
-def decode_video(vae: WanVAEDecoder, latents: torch.Tensor, **kw) -> torch.Tensor:
-    """Decode a whole clip: latents [B, T, z_dim, h, w] (normalised) -> pixels
-    [B, 1 + 4(T-1), 3, 8h, 8w] (raw decoder range). Keyword args as for `decode_chunk`."""
-    return decode_chunk(vae, latents, init_decode_state(vae), **kw)[0]
-
-
-def to_uint8(pixels: torch.Tensor) -> np.ndarray:
-    """Decoder output [T, 3, H, W] or [B, T, 3, H, W] -> uint8 numpy [T, H, W, 3] / [B, T, H, W, 3].
-
-    Clamps to [-1, 1] and maps (x + 1) / 2 * 255, rounded to nearest (ties to even). The official
-    scripts truncate instead (`.to(torch.uint8)`), so they can be one level lower.
-    """
-    if pixels.dim() not in (4, 5) or pixels.shape[-3] != 3:
-        raise ValueError(f"pixels must be [T, 3, H, W] or [B, T, 3, H, W], got {tuple(pixels.shape)}")
-    x = ((pixels.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.movedim(-3, -1).cpu().numpy()
+    def tensors(self) -> list[torch.Tensor]:
+        return [c for c in self.caches if c is not None]
