@@ -111,15 +111,18 @@ def load(name: str = "memflow", *, local_dir: str | os.PathLike | None = None, r
     if name not in ("memflow", "tiny"):
         raise ValueError(f"unknown pipeline {name!r}; known: 'memflow', 'tiny'")
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-    plan = plan_for_load(name, device, dtype, height=height, width=width, hardware=hardware, fp8_dit=fp8_dit,
-                         vae_per_frame=vae_per_frame, text_encoder_device=text_encoder_mode,
-                         text_encoder_dtype=text_encoder_dtype)
+    knobs = dict(height=height, width=width, hardware=hardware, fp8_dit=fp8_dit, vae_per_frame=vae_per_frame,
+                 text_encoder_device=text_encoder_mode, text_encoder_dtype=text_encoder_dtype)
     if name == "tiny":
+        plan = plan_for_load(name, device, dtype, **knobs)
         pipe = _tiny(seed, device, plan.dtype)
         add_loras(pipe.model, loras)
         return dataclasses.replace(pipe, plan=plan)
     paths = fetch_weights(local_dir, revision, progress=progress,
                           skip=("models_t5_umt5-xxl-enc-bf16.pth",) if text_encoder is not None else ())
+    # The plan is made for the files found (their shapes, read from headers and the memory-mapped
+    # pickle), before any weight is read into memory.
+    plan = plan_for_load(name, device, dtype, configs=file_configs(paths, text_encoder), **knobs)
     from tqdm.auto import tqdm
 
     with tqdm(total=3, desc="loading MemFlow", disable=not progress) as bar:
@@ -139,6 +142,18 @@ def load(name: str = "memflow", *, local_dir: str | os.PathLike | None = None, r
         vae = load_vae(paths.vae, device=device, dtype=plan.dtype)
         bar.update()
     return Pipeline(model, text, vae, StreamConfig(), "memflow", device, plan.dtype, plan)
+
+
+def file_configs(paths, text_encoder=None) -> tuple[ModelConfig, T5Config, VAEConfig]:
+    """(DiT, text encoder, VAE) configs of the files `fetch_weights` found, read off their shapes
+    without loading a weight (base.pt is memory-mapped, the text encoder's header is read)."""
+    from .weights import infer_dit_config, read_checkpoint
+    from .weights.dit import dit_state_dict
+    from .weights.text import read_text_encoder_file
+
+    dit = infer_dit_config(dit_state_dict(read_checkpoint(paths.base), source=paths.base), source=paths.base)
+    info, _ = read_text_encoder_file(text_encoder or paths.text_encoder)
+    return dit, info.cfg, VAEConfig()
 
 
 # ------------------------------------------------------------------------------------- tiny

@@ -351,7 +351,7 @@ def plan(name: str = "memflow", *, height: Optional[int] = None, width: Optional
          dtype: DtypeLike = "auto", fp8_dit: Union[bool, str] = False, vae_per_frame: Union[bool, str] = "auto",
          text_encoder_device: str = "auto", text_encoder_dtype: DtypeLike = "auto",
          checkpoints_gb: Union[str, float] = "auto", seconds: Optional[float] = None,
-         prompt_switches: bool = True, stream: Optional[StreamConfig] = None) -> Plan:
+         prompt_switches: bool = True, stream: Optional[StreamConfig] = None, configs=None) -> Plan:
     """The memory plan of pipeline `name` ("memflow" or "tiny") making height x width video.
 
     Hardware: `hardware`, or gpu_gb / capability / host_gb (GB = 1e9 bytes; gpu_gb=0: no GPU), or by
@@ -362,6 +362,8 @@ def plan(name: str = "memflow", *, height: Optional[int] = None, width: Optional
     "streamed" block by block, "cpu"), checkpoints_gb (host memory for resume checkpoints; "auto":
     half of what is left). seconds: count the frames `generate_video` keeps for a video this long.
     prompt_switches=False: a single-prompt stream, which never runs the KV re-cache of a switch.
+    configs: (ModelConfig, T5Config, VAEConfig) read off the files being loaded, instead of the
+    named pipeline's (what `load` passes, so a plan always matches the weights it places).
     Returns a frozen Plan; `.check()` raises PlanError when it does not fit.
     """
     if hardware is None:
@@ -380,7 +382,7 @@ def plan(name: str = "memflow", *, height: Optional[int] = None, width: Optional
     latent_size(height, width)  # validates the size
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise ValueError(f"batch={batch!r} must be a positive integer")
-    job = _Job(name, fp.configs(name), stream or StreamConfig(), height, width, batch, hardware, dev,
+    job = _Job(name, tuple(configs) if configs is not None else fp.configs(name), stream or StreamConfig(), height, width, batch, hardware, dev,
                resolve_dtype(dtype, dev, hardware.capability), text_encoder_dtype, seconds, bool(prompt_switches))
     options = _options(job, fp8_dit, vae_per_frame, text_encoder_device, checkpoints_gb)
     p = _choose(job, options)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 
-from ..config import StreamConfig
+from ..engine.config import StreamConfig
 
 FPS = 16  # video frames per second of Wan2.1 / MemFlow output
 CHUNK_FRAMES = StreamConfig.chunk_frames  # latent frames per chunk (3, MemFlow's num_frame_per_block)

@@ -21,8 +21,8 @@ from typing import Mapping
 import torch
 from torch import Tensor
 
-from ..config import MODEL_PRESETS, ModelConfig
-from ..model import CausalWanModel
+from ..engine.config import MODEL_PRESETS, ModelConfig
+from ..engine.model import CausalWanModel
 from .build import build_assigned, check_state_dict, meta_shapes
 from .errors import SHOW, KeyMismatch, WeightsCorrupt, listing
 from .files import read_checkpoint, read_safetensors, tensors_only
