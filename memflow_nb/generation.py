@@ -106,7 +106,11 @@ def generate(pipe, timeline: Timeline, *, seed: Optional[int] = None, height: Op
         stream = stream.replace(denoising_steps=tuple(timeline.denoising_steps))
     total = _num_chunks(timeline, num_chunks)
     if start is None:
-        start = Checkpoint(0, None, init_vae(vae), _seed(seed, timeline, 0), render_size(pipe, timeline, height, width))
+        size = render_size(pipe, timeline, height, width)
+        plan = getattr(pipe, "plan", None)
+        if plan is not None and size != (plan.height, plan.width):
+            plan.resized(*size).check()  # PlanError (which part, by how much, the fixes) before any work
+        start = Checkpoint(0, None, init_vae(vae), _seed(seed, timeline, 0), size)
     else:
         if (height or width) and (height, width) != start.size:
             raise ValueError(f"cannot resume a {start.size[0]}x{start.size[1]} stream at {height}x{width}")

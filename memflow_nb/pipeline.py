@@ -61,10 +61,13 @@ class Pipeline:
 
     @property
     def default_size(self) -> tuple[int, int]:
-        """(height, width) used when neither the call nor the timeline gives one: MemFlow's
-        training size 480x832, or a small 64x112 for the tiny model (noise needs no pixels)."""
+        """(height, width) used when neither the call nor the timeline gives one: the size `load`
+        planned for (by default MemFlow's training size 480x832 where it fits, else the largest of
+        that shape that does), or a small 64x112 for the tiny model (noise needs no pixels)."""
         from .planning import DEFAULT_SIZES
 
+        if self.plan is not None:  # the size the plan found room for (a T4 gets less than 480x832)
+            return (self.plan.height, self.plan.width)
         return DEFAULT_SIZES[self.name] if self.name in DEFAULT_SIZES else DEFAULT_SIZES["memflow"]
 
     def __repr__(self) -> str:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Union
 
 import torch
@@ -84,6 +84,14 @@ class Plan:
     fits: bool
     problems: tuple[str, ...] = ()
     fixes: tuple[str, ...] = ()
+    configs: Optional[tuple] = field(default=None, repr=False, compare=False)  # (DiT, T5, VAE) planned for
+
+    def resized(self, height: int, width: int) -> "Plan":
+        """The same plan (hardware, configs, knobs as chosen) for another video size."""
+        return plan(self.name, height=height, width=width, batch=self.batch, hardware=self.hardware,
+                    device=self.device, dtype=self.dtype, fp8_dit=self.fp8_dit, vae_per_frame=self.vae_per_frame,
+                    text_encoder_device=self.text_encoder_device, text_encoder_dtype=self.text_encoder_dtype,
+                    configs=self.configs)
 
     @property
     def message(self) -> str:
@@ -257,7 +265,7 @@ def _build(job: _Job, k: _Knobs) -> Plan:
     return Plan(job.name, job.height, job.width, job.batch, hw, job.device, job.dtype, k.fp8_dit, k.vae_per_frame,
                 k.text_encoder_device, k.text_encoder_dtype, every,
                 -1 if n is None else n, ckpt, tuple(rows), gpu, gpu_phase, host, host_phase, not problems,
-                tuple(problems))
+                tuple(problems), configs=job.cfgs)
 
 
 def _over(side: str, rows, where: str, peak: int, phase: str, have: int) -> str:
@@ -395,10 +403,20 @@ def plan_for_load(name: str, device: Union[str, torch.device, None], dtype: Dtyp
 
     Call it first thing in `load`, before any file is read: it raises PlanError (a ValueError) with
     the component, the overage and the fixes when nothing fits (check=False returns the plan).
+    Without height and width, a default size that does not fit is lowered (same shape, steps of
+    16 pixels) to the largest that does.
     knobs: height, width, batch, fp8_dit, vae_per_frame, text_encoder_device, text_encoder_dtype,
     checkpoints_gb, seconds, prompt_switches, stream, hardware, as for `plan`.
     """
     p = plan(name, device=device, dtype=dtype, **knobs)
+    if not p.fits and knobs.get("height") is None and knobs.get("width") is None:
+        # No size was asked for: take the largest of the default's shape that fits (a T4 gets
+        # 448x784 rather than a refusal); `load` says so, and pipe.default_size follows it.
+        for h in range(p.height - 16, 15, -16):
+            w = max(16, round(p.width * h / p.height / 16) * 16)
+            q = plan(name, device=device, dtype=dtype, **{**knobs, "height": h, "width": w})
+            if q.fits:
+                return q
     return p.check() if check else p
 
 

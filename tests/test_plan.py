@@ -159,7 +159,7 @@ def test_fp8_is_refused_below_capability_8_9_and_counted_above():
 def test_plan_for_load_refuses_an_impossible_case_before_loading():
     small_gpu = Hardware("a 6 GB GPU", int(6 * GB), (8, 6), int(8 * GB))
     with pytest.raises(PlanError) as err:
-        plan_for_load("memflow", "cuda", hardware=small_gpu)
+        plan_for_load("memflow", "cuda", hardware=small_gpu, height=480, width=832)
     msg = str(err.value)
     assert isinstance(err.value, ValueError) and err.value.plan.fits is False
     assert "does not fit on a 6 GB GPU" in msg and "GB over the 6.0 GB" in msg
@@ -262,3 +262,12 @@ def test_memflow_nb_plan_is_the_function_before_and_after_the_planning_module_is
             "assert not heavy, heavy")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+def test_without_a_size_load_plans_the_largest_default_shaped_size_that_fits():
+    t4 = plan_for_load("memflow", "cuda", hardware=PRESETS["t4"])
+    assert t4.fits and (t4.height, t4.width) == (448, 784) and t4.dtype == torch.float16
+    assert not plan(hardware=PRESETS["t4"], height=t4.height + 16, width=t4.width + 32).fits
+    h200 = plan_for_load("memflow", "cuda", hardware=PRESETS["h200"])
+    assert (h200.height, h200.width) == (480, 832)
+    assert t4.resized(320, 576).fits and t4.resized(320, 576).text_encoder_device == t4.text_encoder_device
