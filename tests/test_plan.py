@@ -166,7 +166,7 @@ def test_plan_for_load_refuses_an_impossible_case_before_loading():
     assert "VAE decode workspace 6.38 GB" in msg and "DiT weights 2.84 GB" in msg
     fix = [line for line in msg.splitlines() if "height=" in line]
     assert "fixes:" in msg and fix and "(fits)" in fix[0]
-    p = plan_for_load("memflow", "cuda", hardware=small_gpu, check=False)
+    p = plan_for_load("memflow", "cuda", hardware=small_gpu, height=480, width=832, check=False)
     assert not p.fits and p.message == msg
     hopeless = plan("memflow", hardware=Hardware("a 3 GB GPU", int(3 * GB), (8, 6), int(8 * GB)))
     assert any(f.startswith("no size fits") for f in hopeless.fixes)
