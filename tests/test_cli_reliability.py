@@ -1,0 +1,111 @@
+"""Issue 18: nothing lost, never a traceback: the output file, the CLI's one-line errors, input refused early."""
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import memflow_nb.video as video_mod
+from memflow_nb.cli import main
+from memflow_nb.timeline.model import Timeline, TimelineError
+from memflow_nb.video import VideoFile, read_video, write_video
+
+FRAMES = np.random.default_rng(0).integers(0, 255, (6, 32, 32, 3), dtype=np.uint8)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def timeline_file(tmp_path):
+    path = tmp_path / "t.json"
+    tl = Timeline(segments=[{"start": 0, "end": 2, "prompts": [{"text": "a cat"}]}], unit="chunks")
+    path.write_text(json.dumps(tl.to_scope_json()))
+    return path
+
+
+def cli(capsys, *args):
+    """(exit status, stderr lines) of the CLI run in this process."""
+    rc = main(list(map(str, args)))
+    err = capsys.readouterr().err.strip().splitlines()
+    return rc, err
+
+
+def tiny(timeline, out, *extra):
+    return ["generate", timeline, "-o", out, "--model", "tiny", "--no-progress", *extra]
+
+
+# -- the output file ----------------------------------------------------------------------------------------
+
+def test_a_failed_write_keeps_the_old_video_and_leaves_no_partial_file(tmp_path):
+    out = tmp_path / "v.mp4"
+    write_video(out, FRAMES)
+    before = out.read_bytes()
+    with pytest.raises(RuntimeError):
+        with VideoFile(out, (32, 32)) as v:
+            v.add(FRAMES[:3])
+            raise RuntimeError("the model failed mid-stream")
+    assert out.read_bytes() == before and os.listdir(tmp_path) == ["v.mp4"]
+
+
+def test_ctrl_c_keeps_a_valid_partial_video(tmp_path):
+    out = tmp_path / "v.mp4"
+    with pytest.raises(KeyboardInterrupt):
+        with VideoFile(out, (32, 32)) as v:
+            v.add(FRAMES[:4])
+            raise KeyboardInterrupt
+    assert np.array_equal(read_video(out).shape, (4, 32, 32, 3)) and os.listdir(tmp_path) == ["v.mp4"]
+
+
+def test_ctrl_c_before_any_frame_keeps_the_old_video(tmp_path):
+    out = tmp_path / "v.mp4"
+    write_video(out, FRAMES)
+    before = out.read_bytes()
+    with pytest.raises(KeyboardInterrupt):
+        with VideoFile(out, (32, 32)):
+            raise KeyboardInterrupt
+    assert out.read_bytes() == before and os.listdir(tmp_path) == ["v.mp4"]
+
+
+def test_full_disk_is_one_line_and_keeps_the_old_video(tmp_path, timeline_file, capsys, monkeypatch):
+    out = tmp_path / "v.mp4"
+    write_video(out, FRAMES)
+    before = out.read_bytes()
+
+    def full(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device", str(self.partial))
+
+    monkeypatch.setattr(VideoFile, "_write", full)
+    rc, err = cli(capsys, *tiny(timeline_file, out, "--height", 32, "--width", 32))
+    assert rc == 2 and len(err) == 1 and "no space left" in err[0]
+    assert out.read_bytes() == before and sorted(os.listdir(tmp_path)) == ["t.json", "v.mp4"]
+
+
+def test_ffmpeg_reporting_a_full_disk_becomes_enospc(tmp_path):
+    class Stopped:  # what a finished ffmpeg looks like to the writer
+        stderr = __import__("io").BytesIO(b"av_interleaved_write_frame(): No space left on device\n")
+        returncode = 1
+
+    e = video_mod._ffmpeg_error(tmp_path / "v.mp4", Stopped())
+    assert e.errno == errno.ENOSPC and "v.mp4" in e.filename
+
+
+def test_unwritable_folder_refused_before_loading_the_model(tmp_path, timeline_file, capsys, monkeypatch):
+    """A folder that cannot take a file (here its 'folder' is a file, which even root cannot write
+    into) is found before any weights are read."""
+    import memflow_nb.pipeline as pipeline_mod
+
+    (tmp_path / "notes.txt").write_text("x")
+    monkeypatch.setattr(pipeline_mod, "load", lambda *a, **k: pytest.fail("loaded the model"))
+    rc, err = cli(capsys, *tiny(timeline_file, tmp_path / "notes.txt" / "v.mp4"))
+    assert rc == 2 and len(err) == 1 and "notes.txt" in err[0]
+
+
+def test_output_that_is_a_folder_refused(tmp_path, timeline_file, capsys):
+    (tmp_path / "x.mp4").mkdir()
+    rc, err = cli(capsys, *tiny(timeline_file, tmp_path / "x.mp4"))
+    assert rc == 2 and len(err) == 1 and "is a folder" in err[0]
