@@ -208,6 +208,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """
     import os
 
+    from .weights.errors import CheckpointError
+
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["batch"]:  # studies: memflow_nb.batch has its own options
         return __import__("memflow_nb.batch", fromlist=["main"]).main(argv[1:])
@@ -220,7 +222,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (UsageError, OSError, ValueError, TypeError, OverflowError, RecursionError) as e:
+    except (UsageError, CheckpointError, OSError, ValueError, TypeError, OverflowError, RecursionError) as e:
         # Bad input, unreadable or corrupt weights (CheckpointError is a ValueError), missing files.
         if debug:
             raise

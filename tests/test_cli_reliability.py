@@ -109,3 +109,97 @@ def test_output_that_is_a_folder_refused(tmp_path, timeline_file, capsys):
     (tmp_path / "x.mp4").mkdir()
     rc, err = cli(capsys, *tiny(timeline_file, tmp_path / "x.mp4"))
     assert rc == 2 and len(err) == 1 and "is a folder" in err[0]
+
+
+# -- one line, never a traceback ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("error", ["WeightsCorrupt", "KeyMismatch", "UnsafeCheckpoint", "CheckpointError"])
+def test_checkpoint_errors_are_one_line(error, tmp_path, timeline_file, capsys, monkeypatch):
+    import memflow_nb.pipeline as pipeline_mod
+    import memflow_nb.weights.errors as errors_mod
+
+    def broken(*a, **k):
+        raise getattr(errors_mod, error)("dit.safetensors: the file is damaged; download it again")
+
+    monkeypatch.setattr(pipeline_mod, "load", broken)
+    rc, err = cli(capsys, *tiny(timeline_file, tmp_path / "v.mp4"))
+    assert rc == 2 and len(err) == 1 and "dit.safetensors" in err[0] and "Traceback" not in err[0]
+    assert not (tmp_path / "v.mp4").exists()
+
+
+def test_debug_shows_the_traceback(tmp_path, timeline_file, monkeypatch):
+    import memflow_nb.pipeline as pipeline_mod
+    from memflow_nb.weights.errors import WeightsCorrupt
+
+    monkeypatch.setattr(pipeline_mod, "load", lambda *a, **k: (_ for _ in ()).throw(WeightsCorrupt("bad")))
+    with pytest.raises(WeightsCorrupt):
+        main(list(map(str, tiny(timeline_file, tmp_path / "v.mp4", "--debug"))))
+    monkeypatch.setenv("MEMFLOW_NB_DEBUG", "1")
+    with pytest.raises(WeightsCorrupt):
+        main(list(map(str, tiny(timeline_file, tmp_path / "v.mp4"))))
+
+
+@pytest.mark.parametrize("device, says", [("meta", "holds no data"), ("bogus", "not a torch device"),
+                                          ("cuda", "no CUDA GPU"), ("cuda:7", "")])
+def test_bad_devices_are_one_line_and_keep_the_old_video(device, says, tmp_path, timeline_file, capsys):
+    import torch
+
+    out = tmp_path / "v.mp4"
+    write_video(out, FRAMES)
+    before = out.read_bytes()
+    rc, err = cli(capsys, *tiny(timeline_file, out, "--device", device))
+    if device == "cuda" and torch.cuda.is_available():
+        return  # a real GPU runs it; the other cases still check the refusal
+    assert rc == 2 and len(err) == 1 and says in err[0] and "--device" in err[0]
+    assert out.read_bytes() == before
+
+
+def test_deeply_nested_json_is_one_line(tmp_path, capsys):
+    path = tmp_path / "deep.json"
+    path.write_text("[" * 100_000 + "]" * 100_000)
+    rc, err = cli(capsys, *tiny(path, tmp_path / "v.mp4"))
+    assert rc == 2 and len(err) == 1 and "nested too deeply" in err[0]
+
+
+def test_huge_weights_are_a_timeline_error(tmp_path, capsys):
+    seg = {"start": 0, "end": 1, "prompts": [{"text": "a", "weight": 1e308}, {"text": "b", "weight": 1e308}]}
+    with pytest.raises(TimelineError, match="infinity"):
+        Timeline(segments=[seg], unit="chunks")
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps({"version": "2.1", "prompts": [{"startTime": 0, "endTime": 1, "prompts": [
+        {"text": "a", "weight": 1e308}, {"text": "b", "weight": 1e308}]}]}))
+    rc, err = cli(capsys, *tiny(path, tmp_path / "v.mp4"))
+    assert rc == 2 and len(err) == 1 and "infinity" in err[0]
+
+
+SIGINT_RUN = """
+import sys
+from memflow_nb.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("old_video", [True, False])
+def test_sigint_to_the_process_group(old_video, tmp_path, timeline_file):
+    """Ctrl-C in a terminal signals the whole process group (ffmpeg included): the run says
+    'interrupted', exits 130, and the file is either the old video or a valid partial one."""
+    out = tmp_path / "v.mp4"
+    if old_video:
+        write_video(out, FRAMES)
+    before = out.read_bytes() if old_video else None
+    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
+    cmd = [sys.executable, "-c", SIGINT_RUN, *map(str, tiny(timeline_file, out, "--height", 32, "--width", 32,
+                                                            "--frames", 100_000))]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not any(p.name.endswith(".partial.mp4") for p in tmp_path.iterdir()):
+        time.sleep(0.1)
+    time.sleep(1.5)  # some chunks written
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    lines = err.strip().splitlines()
+    assert proc.returncode == 130 and len(lines) == 1 and lines[0].startswith("interrupted"), err
+    frames = read_video(out)
+    assert len(frames) >= 9 and frames.shape[1:] == (32, 32, 3)
+    assert sorted(os.listdir(tmp_path)) == ["t.json", "v.mp4"]  # no partial file left behind
