@@ -203,3 +203,90 @@ def test_sigint_to_the_process_group(old_video, tmp_path, timeline_file):
     frames = read_video(out)
     assert len(frames) >= 9 and frames.shape[1:] == (32, 32, 3)
     assert sorted(os.listdir(tmp_path)) == ["t.json", "v.mp4"]  # no partial file left behind
+
+
+# -- input that used to be quietly accepted --------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def pipe():
+    from memflow_nb.pipeline import load
+
+    return load("tiny")
+
+
+@pytest.fixture
+def short():
+    return Timeline(segments=[{"start": 0, "end": 2, "prompts": [{"text": "a cat"}]}], unit="chunks")
+
+
+def first(it):
+    return next(iter(it))
+
+
+@pytest.mark.parametrize("kw, says", [
+    (dict(height=0, width=32), "height=0"), (dict(height=32), "both"), (dict(width=32), "both"),
+    (dict(seed=1.9), "seed"), (dict(seed=True), "seed"), (dict(seed="1"), "seed"),
+    (dict(num_chunks=2.7), "num_chunks"),
+])
+def test_generate_refuses(pipe, short, kw, says):
+    from memflow_nb.generation import generate
+
+    with pytest.raises((ValueError, TypeError), match=says):
+        first(generate(pipe, short, progress=False, **kw))
+
+
+def test_a_start_past_num_chunks_says_why(pipe, short):
+    from memflow_nb.generation import generate
+
+    chunks = list(generate(pipe, short, height=32, width=32, num_chunks=5, progress=False))
+    with pytest.raises(ValueError, match="nothing to make"):
+        first(generate(pipe, short, start=chunks[3].checkpoint(), num_chunks=2, progress=False))
+
+
+@pytest.mark.parametrize("args, says", [(["--height", 0, "--width", 32], "--height 0"),
+                                        (["--height", 32], "--width too"), (["--width", 48], "--height too"),
+                                        (["--height", 40, "--width", 32], "divisible by 16")])
+def test_cli_sizes_refused_before_loading(args, says, tmp_path, timeline_file, capsys, monkeypatch):
+    import memflow_nb.pipeline as pipeline_mod
+
+    monkeypatch.setattr(pipeline_mod, "load", lambda *a, **k: pytest.fail("loaded the model"))
+    rc, err = cli(capsys, *tiny(timeline_file, tmp_path / "v.mp4", *args))
+    assert rc == 2 and len(err) == 1 and says in err[0]
+
+
+def test_checkpoints_every_must_be_an_integer():
+    from memflow_nb.checkpoints import Checkpoints
+
+    for every in (1.5, True, 0):
+        with pytest.raises(ValueError, match="every"):
+            Checkpoints(every=every)
+
+
+def test_record_attention_refuses_missing_layers(pipe):
+    from memflow_nb.recording import record_attention
+
+    with pytest.raises(ValueError, match="2 layers"):
+        with record_attention(pipe.model, layers=[99]):
+            pass
+    with record_attention(pipe.model, layers=[1]):  # a real layer is still fine
+        pass
+
+
+@pytest.mark.parametrize("switches", [[80, 40], [40, 40]])
+def test_official_switches_must_increase(switches):
+    from memflow_nb.timeline.official import from_official_jsonl
+
+    with pytest.raises(TimelineError, match="increasing") as e:
+        from_official_jsonl(['{"prompts": ["a", "b", "c"]}'], switches, num_latent_frames=240)
+    assert e.value.errors[0][0] == "switch_frame_indices.1"
+
+
+def test_huge_finite_prompt_embeddings_refused(pipe):
+    import torch
+
+    from memflow_nb.engine.checks import check_prompt_embeds
+
+    pe = torch.full((1, 4, pipe.model.cfg.text_dim), 1e30)
+    with pytest.raises(ValueError, match="values up to 1e"):
+        check_prompt_embeds(pipe.model, pe)
+    assert check_prompt_embeds(pipe.model, torch.randn(1, 4, pipe.model.cfg.text_dim) * 50).shape[1] == 4
