@@ -290,3 +290,51 @@ def test_huge_finite_prompt_embeddings_refused(pipe):
     with pytest.raises(ValueError, match="values up to 1e"):
         check_prompt_embeds(pipe.model, pe)
     assert check_prompt_embeds(pipe.model, torch.randn(1, 4, pipe.model.cfg.text_dim) * 50).shape[1] == 4
+
+
+# -- messages ----------------------------------------------------------------------------------------------
+
+def test_utf8_bom_accepted(tmp_path, short):
+    path = tmp_path / "bom.json"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(short.to_scope_json()).encode())
+    assert Timeline.from_scope_json(path).num_chunks == short.num_chunks
+
+
+def test_json_lines_named_json(tmp_path, capsys):
+    path = tmp_path / "prompts.json"
+    path.write_text('{"prompts": ["a", "b"]}\n{"prompts": ["c", "d"]}\n')
+    rc, err = cli(capsys, *tiny(path, tmp_path / "v.mp4"))
+    assert rc == 2 and len(err) == 1 and "JSON Lines" in err[0] and ": :" not in err[0]
+
+
+def test_errors_are_capped(tmp_path):
+    segs = [{"start": i, "end": i, "prompts": [{"text": "a"}]} for i in range(100)]
+    with pytest.raises(TimelineError) as e:
+        Timeline(segments=segs, unit="chunks")
+    assert len(e.value.errors) >= 100 and "more errors" in str(e.value) and len(str(e.value).splitlines()) == 22
+
+
+@pytest.mark.parametrize("kind", ["folder", "loop"])
+def test_folder_or_link_loop_is_not_no_such_file(kind, tmp_path, capsys):
+    path = tmp_path / "t.json"
+    if kind == "folder":
+        path.mkdir()
+    else:
+        os.symlink(tmp_path / "u.json", path)
+        os.symlink(path, tmp_path / "u.json")
+    rc, err = cli(capsys, *tiny(path, tmp_path / "v.mp4"))
+    assert rc == 2 and len(err) == 1 and "no such file" not in err[0] and ("folder" in err[0] or "loop" in err[0])
+
+
+def test_frames_before_a_switch_suggests_switch_frames(tmp_path, capsys):
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"prompts": ["a", "b", "c", "d", "e", "f"]}) + "\n")
+    rc, err = cli(capsys, *tiny(path, tmp_path / "v.mp4", "--frames", 40))
+    assert rc == 2 and len(err) == 1 and "--switch-frames" in err[0] and "num_latent_frames" not in err[0]
+
+
+def test_help_names_the_console_script(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["/usr/bin/memflow-nb", "--help"])
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert capsys.readouterr().out.startswith("usage: memflow-nb")
