@@ -19,6 +19,8 @@ import torch
 
 from .checkpoints import Checkpoint, Checkpoints
 from .decode import decode_chunk as decode, init_decode_state as init_vae, to_uint8
+from .engine.checks import check_seed
+from .engine.config import latent_size
 from .engine.state import State
 from .engine.steps import init_state, set_prompt, step
 from .timeline.clock import FPS
@@ -77,10 +79,17 @@ def render_size(pipe, timeline: Timeline, height: Optional[int] = None, width: O
     th, tw = timeline.height, timeline.width  # the timeline gives both or neither
     if th is None or (getattr(pipe, "random_weights", False) and (th > dh or tw > dw)):
         th, tw = dh, dw
-    return (height or th), (width or tw)
+    if (height is None) != (width is None):
+        raise ValueError(f"give both height and width, or neither (got height={height}, width={width})")
+    if height is None:
+        return th, tw
+    latent_size(height, width)  # a positive multiple of 16 each: 0 is refused, not taken as "not given"
+    return height, width
 
 
 def _seed(seed: Optional[int], timeline: Timeline, default: int) -> int:
+    if seed is not None:
+        check_seed(seed)  # an int: 1.9, True or "1" would quietly become another seed
     """The noise seed: the call's, else the timeline's, else `default`."""
     return int(seed if seed is not None else timeline.seed if timeline.seed is not None else default)
 
@@ -115,9 +124,14 @@ def generate(pipe, timeline: Timeline, *, seed: Optional[int] = None, height: Op
         if (height or width) and (height, width) != start.size:
             raise ValueError(f"cannot resume a {start.size[0]}x{start.size[1]} stream at {height}x{width}")
         start = start.to(_device(pipe))
+        if seed is not None:
+            check_seed(seed)
         if seed is not None and seed != start.seed:  # same past, new noise from here on
             state = dataclasses.replace(start.state, seed=int(seed)) if start.state is not None else None
             start = dataclasses.replace(start, seed=int(seed), state=state)
+    if start.chunk >= total:
+        raise ValueError(f"start is after chunk {start.chunk - 1} and num_chunks={total}: nothing to make; "
+                         f"num_chunks counts from the video's start, so give more than {start.chunk}")
     if checkpoints is not None:
         checkpoints.truncate(start.chunk)
         checkpoints.add(start, force=start.chunk == 0)
@@ -353,6 +367,8 @@ class Session:
 
 
 def _num_chunks(timeline: Timeline, num_chunks: Optional[int]) -> int:
+    if num_chunks is not None and (isinstance(num_chunks, bool) or not isinstance(num_chunks, (int, np.integer))):
+        raise TypeError(f"num_chunks must be an integer, got {num_chunks!r}")
     total = timeline.num_chunks if num_chunks is None else int(num_chunks)
     if total < 1:
         raise ValueError(f"num_chunks={total} must be >= 1")

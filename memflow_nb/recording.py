@@ -223,6 +223,9 @@ def record_attention(model, *, layers: Optional[Sequence[int]] = None, kinds: Se
     if not isinstance(bindings, ObserverBindings):
         raise TypeError(f"record_attention(model, ...) takes the CausalWanModel to record (e.g. pipe.model), "
                         f"got {type(model).__name__}")
+    n = model.cfg.num_layers
+    if layers is not None and any(isinstance(l, bool) or not 0 <= int(l) < n for l in layers):
+        raise ValueError(f"layers={list(layers)}: this model has {n} layers, numbered 0 to {n - 1}")
     rec = AttentionRecording(layers, kinds, steps, cross, block_bytes, max_bytes)
     with bindings.bound(rec):
         yield rec

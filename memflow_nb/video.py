@@ -1,6 +1,10 @@
 """Video files and inline display, through mediapy with the ffmpeg binary that imageio-ffmpeg ships."""
 from __future__ import annotations
 
+import errno
+import os
+import secrets
+import subprocess
 from pathlib import Path
 from typing import Iterable, Optional, Union
 
@@ -37,27 +41,111 @@ class VideoFile:
     """Write frames as they arrive: `with VideoFile(path, (H, W)) as v: v.add(frames)`.
 
     frames are uint8 [T, H, W, 3] (or one [H, W, 3] frame). .mp4 is H.264, .gif for previews.
+    Nothing is lost: frames go to a hidden file in the same folder, renamed over `path` when the
+    block ends normally or by Ctrl-C (KeyboardInterrupt: the frames so far make a valid file). Any
+    other error, or a kill, leaves `path` as it was; a full disk raises OSError(ENOSPC).
     """
 
     def __init__(self, path: Union[str, Path], size: tuple[int, int], fps: float = FPS):
         self.path = Path(path)
         self.codec = _codec(self.path)
+        self.size = tuple(int(s) for s in size)
+        self.fps = fps
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.frames_written = 0
-        self._writer = _media().VideoWriter(self.path, tuple(size), codec=self.codec, fps=fps)
+        # Same folder, so the final rename is atomic; the writer's own name so two runs never share it.
+        self.partial = self.path.with_name(f".{self.path.name}.{os.getpid()}-{secrets.token_hex(3)}"
+                                           f".partial{self.path.suffix.lower()}")
+        self._ffmpeg: Optional[subprocess.Popen] = None
 
     def __enter__(self):
-        self._writer.__enter__()
+        self._ffmpeg = _start_ffmpeg(self.partial, self.size, self.codec, self.fps)
         return self
 
     def add(self, frames: np.ndarray) -> None:
         frames = np.asarray(frames)
         for frame in frames if frames.ndim == 4 else frames[None]:
-            self._writer.add_image(frame)
+            if frame.shape != (*self.size, 3) or frame.dtype != np.uint8:
+                raise ValueError(f"{self.path}: frame {self.frames_written} is {frame.dtype} "
+                                 f"{list(frame.shape)}, expected uint8 {[*self.size, 3]}")
+            self._write(frame.tobytes())
             self.frames_written += 1
 
-    def __exit__(self, *exc):
-        return self._writer.__exit__(*exc)
+    def _write(self, data: bytes) -> None:
+        try:
+            self._ffmpeg.stdin.write(data)
+        except BrokenPipeError:  # ffmpeg stopped: its message says why (full disk, ...)
+            self._ffmpeg.wait()
+            raise _ffmpeg_error(self.path, self._ffmpeg) from None
+
+    def __exit__(self, exc_type, exc, tb):
+        keep = exc_type is None or issubclass(exc_type, KeyboardInterrupt)
+        try:
+            finished = self._finish() if keep else self._abandon()
+            if finished and self.frames_written:
+                os.replace(self.partial, self.path)
+        finally:
+            self.partial.unlink(missing_ok=True)
+        return False
+
+    def _finish(self) -> bool:
+        """Close ffmpeg's input so it writes the file's index; raise what went wrong."""
+        try:
+            self._ffmpeg.stdin.close()
+        except BrokenPipeError:
+            pass
+        self._ffmpeg.wait()
+        if self._ffmpeg.returncode != 0:
+            raise _ffmpeg_error(self.path, self._ffmpeg)
+        return True
+
+    def _abandon(self) -> bool:
+        self._ffmpeg.kill()
+        self._ffmpeg.wait()
+        return False
+
+
+def _start_ffmpeg(path: Path, size: tuple[int, int], codec: str, fps: float) -> subprocess.Popen:
+    """ffmpeg reading raw RGB frames on stdin, in its own session: Ctrl-C in a terminal reaches
+    only Python, which then closes the file properly (ffmpeg killed first would leave it broken)."""
+    import imageio_ffmpeg
+
+    h, w = size
+    if codec == "gif":
+        out = ["-vf", "split[s0][s1];[s0]palettegen[p];[s1][p]paletteuse", "-f", "gif"]
+    else:  # mediapy's defaults: yuv420p when both sides are even, constant quantizer by size
+        fmt = "yuv420p" if h % 2 == 0 and w % 2 == 0 else "yuv444p"
+        out = ["-vcodec", codec, "-pix_fmt", fmt, "-qp", "20" if h * w <= 640 * 480 else "28", "-f", "mp4"]
+    cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-f", "rawvideo", "-vcodec", "rawvideo",
+           "-pix_fmt", "rgb24", "-s", f"{w}x{h}", "-r", f"{fps}", "-i", "-", "-an", *out, "-y", str(path)]
+    return subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+
+
+def _ffmpeg_error(path: Path, proc: subprocess.Popen) -> OSError:
+    message = " ".join(proc.stderr.read().decode(errors="replace").split())
+    if "no space left" in message.lower():
+        return OSError(errno.ENOSPC, "no space left on device", str(path))
+    return OSError(errno.EIO, f"ffmpeg could not write the video ({message or f'exit {proc.returncode}'})",
+                   str(path))
+
+
+def check_writable(path: Union[str, Path]) -> None:
+    """Raise OSError unless a video can be written at `path` (its folder is made if missing).
+
+    Tried with a real file, since permissions alone miss read-only mounts: called before any
+    model is loaded, so a bad output path costs nothing.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "is a folder; give a file name such as out.mp4", str(path))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    probe = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(3)}.probe")
+    try:
+        probe.open("wb").close()
+    except OSError as e:
+        raise type(e)(e.errno, f"cannot write in this folder ({e.strerror})", str(path.parent)) from None
+    probe.unlink()
 
 
 def write_video(path: Union[str, Path], frames: np.ndarray, fps: float = FPS) -> Path:

@@ -89,8 +89,8 @@ LONG_RUN = textwrap.dedent("""
 
 
 @pytest.mark.slow
-def test_ten_minute_stream_with_flat_memory():
-    """2,400 video frames (200 chunks, 10 minutes at 16 fps) with many re-basings and the VAE
+def test_2400_frame_stream_with_flat_memory():
+    """2,400 video frames (200 chunks, 150 s at 16 fps) with many re-basings and the VAE
     decoding every chunk, in a fresh process so its memory is its own: state bytes stay within
     their early range and the tensor memory alive in the process does not grow."""
     r = subprocess.run([sys.executable, "-c", LONG_RUN], capture_output=True, text=True, timeout=900,

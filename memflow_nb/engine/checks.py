@@ -34,6 +34,9 @@ def check_seed(seed) -> None:
         raise ValueError(f"seed={seed} is outside [0, 2**63)")
 
 
+MAX_EMBED = 1e6  # umT5 outputs are layer-normed (a few hundred at most); 1e30 gives inf latents
+
+
 def check_prompt_embeds(model, pe: torch.Tensor) -> torch.Tensor:
     """Prompt embeddings [B, L <= text_len, text_dim] (or [L, text_dim]) on the model's device and dtype."""
     if not isinstance(pe, torch.Tensor):
@@ -48,6 +51,10 @@ def check_prompt_embeds(model, pe: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"prompt_embeds has {pe.shape[1]} tokens; the model takes at most text_len={cfg.text_len}")
     if not torch.isfinite(pe).all():
         raise ValueError("prompt_embeds contains NaN or inf")
+    peak = pe.abs().max().item() if pe.numel() else 0.0
+    if peak > MAX_EMBED:  # finite but far out of range: the model's attention would overflow to inf
+        raise ValueError(f"prompt_embeds has values up to {peak:.3g}; a text encoder's outputs stay within "
+                         f"±{MAX_EMBED:.0e} (were they scaled by mistake?)")
     p = next(model.parameters())
     return pe.to(p.device, p.dtype)
 

@@ -52,8 +52,16 @@ class TimelineError(ValueError):
     def __init__(self, errors: Sequence[tuple[str, str]], validation_error: ValidationError | None = None):
         self.errors = [(str(p), str(m)) for p, m in errors]
         self.validation_error = validation_error
-        lines = "\n".join(f"  {p or '(root)'}: {m}" for p, m in self.errors)
-        super().__init__(f"invalid timeline ({len(self.errors)} error{'s' * (len(self.errors) != 1)}):\n{lines}")
+        super().__init__(f"invalid timeline ({len(self.errors)} error{'s' * (len(self.errors) != 1)}):\n"
+                         + "\n".join(f"  {line}" for line in self.summary()))
+
+    def summary(self, limit: int = 20) -> list[str]:
+        """One "field: message" line per error, the first ``limit`` of them and then how many more
+        (a hostile file can hold hundreds of thousands)."""
+        lines = [f"{p}: {m}" if p else m for p, m in self.errors[:limit]]
+        if len(self.errors) > limit:
+            lines.append(f"... and {len(self.errors) - limit} more errors")
+        return lines
 
     @classmethod
     def from_pydantic(cls, err: ValidationError, rename: Callable[[tuple], tuple] = lambda loc: loc,
@@ -192,7 +200,10 @@ class Segment(_Model):
     @classmethod
     def _some_weight(cls, prompts: tuple[WeightedPrompt, ...]) -> tuple[WeightedPrompt, ...]:
         _non_empty(prompts)
-        total = math.fsum(p.weight for p in prompts)
+        try:
+            total = math.fsum(p.weight for p in prompts)
+        except OverflowError:  # finite weights whose sum is not (1e308 + 1e308)
+            total = math.inf
         if not total > 0:
             raise ValueError("all prompt weights are zero; at least one must be positive")
         if not math.isfinite(total):

@@ -58,7 +58,7 @@ class OfficialJsonl(NamedTuple):
 
 def _read_lines(source: Union[str, Path, Iterable[str]]) -> list[str]:
     if isinstance(source, Path) or (isinstance(source, str) and not source.lstrip().startswith("{")):
-        source = Path(source).read_text(encoding="utf-8").splitlines()
+        source = Path(source).read_text(encoding="utf-8-sig").splitlines()
     elif isinstance(source, str):
         source = source.splitlines()
     return [ln for ln in source if ln.strip()]
@@ -90,6 +90,11 @@ def from_official_jsonl(source: Union[str, Path, Iterable[str]], switch_frame_in
         indices = _SWITCHES.validate_python(list(switch_frame_indices))
     except ValidationError as e:
         errors += TimelineError.from_pydantic(e, prefix=("switch_frame_indices",)).errors
+    else:
+        for k, (a, b) in enumerate(zip(indices, indices[1:])):
+            if b <= a:  # unsorted or repeated: a segment would play for one chunk or none
+                errors.append((f"switch_frame_indices.{k + 1}", f"{b} must be greater than the switch before it "
+                                                                f"({a}): list the switch frames in increasing order"))
     if errors:
         raise TimelineError(errors)
     switches = official_switch_chunks(indices, n_chunks, chunk_frames)
@@ -103,6 +108,8 @@ def from_official_jsonl(source: Union[str, Path, Iterable[str]], switch_frame_in
             rows.append(json.loads(line))
         except json.JSONDecodeError as e:
             errors.append((f"lines.{i}", f"not valid JSON: {e}"))
+        except RecursionError:
+            errors.append((f"lines.{i}", "nested too deeply to read"))
     if errors:
         raise TimelineError(errors)
     try:

@@ -152,10 +152,16 @@ def _load_json(source: Union[dict, str, Path]) -> Any:
     if isinstance(source, str) and source.lstrip().startswith("{"):
         text = source
     elif isinstance(source, (str, Path)):
-        text = Path(source).read_text(encoding="utf-8")
+        text = Path(source).read_text(encoding="utf-8-sig")  # a BOM is what Windows editors write
     else:
         return source
     try:
         return json.loads(text)
+    except RecursionError:
+        raise TimelineError([("", "nested too deeply to read (a timeline is a few levels deep)")]) from None
     except json.JSONDecodeError as e:
+        lines = [ln for ln in text.splitlines() if ln.strip()]
+        if e.msg == "Extra data" and len(lines) > 1 and all(ln.lstrip().startswith("{") for ln in lines):
+            raise TimelineError([("", "looks like JSON Lines (one object per line), the official MemFlow "
+                                      "prompt format: name the file .jsonl")]) from None
         raise TimelineError([("", f"not valid JSON: {e}")]) from e
