@@ -72,6 +72,12 @@ def _read_torch(path: Path, head: bytes) -> dict:
                 f"{path} refuses to load: unpickling it would call {m.group(1)}, which a weights-only load "
                 "does not allow (loading it unsafely could run arbitrary code). Use the official file from "
                 "the hub, or convert a file you trust to safetensors yourself.") from None
+        called = [] if is_zip else _code_globals(path)
+        if called:
+            raise UnsafeCheckpoint(
+                f"{path} refuses to load: unpickling it would call {', '.join(called)}, which a weights-only "
+                "load does not allow (loading it unsafely could run arbitrary code). Use the official file "
+                "from the hub, or convert a file you trust to safetensors yourself.") from None
         detail = msg.split("WeightsUnpickler error:")[-1].strip().splitlines()[0] if msg else ""
         raise WeightsCorrupt(f"{path} is not a readable PyTorch checkpoint ({detail or type(e).__name__}); "
                              f"it may be corrupt or not a torch.save file. {redownload(path)}") from e
@@ -81,6 +87,31 @@ def _read_torch(path: Path, head: bytes) -> dict:
     if not isinstance(obj, dict):
         raise WeightsCorrupt(f"{path} holds a {type(obj).__name__}, not a dict of tensors. Is it the right file?")
     return obj
+
+
+# Globals a torch.save file of tensors may name; anything else (os.system, builtins.exec, ...) is code.
+_TENSOR_GLOBALS = ("torch.", "collections.OrderedDict", "_codecs.encode", "numpy.core.multiarray._reconstruct")
+
+
+def _code_globals(path: Path) -> list[str]:
+    """Callables a legacy pickle names outside the tensor-rebuilding ones (read with pickletools:
+    nothing is executed). torch's weights-only reader can stop at an opcode (e.g. protocol 4's
+    FRAME) before it sees them, so it alone would call such a file merely unreadable."""
+    import pickletools
+
+    found, strings = [], []
+    try:
+        with open(path, "rb") as f:
+            for op, arg, _ in pickletools.genops(f):
+                if op.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "BINUNICODE8"):
+                    strings = (strings + [arg])[-2:]
+                elif op.name in ("GLOBAL", "INST"):
+                    found.append(arg.replace(" ", "."))
+                elif op.name == "STACK_GLOBAL" and len(strings) == 2:
+                    found.append(".".join(strings))
+    except Exception:  # not a pickle at all: reported as unreadable by the caller
+        return []
+    return sorted({g for g in found if not g.startswith(_TENSOR_GLOBALS)})
 
 
 def safetensors_header(path: Path) -> dict:
