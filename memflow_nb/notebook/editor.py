@@ -64,6 +64,7 @@ class TimelineEditor:
         self.pipe = pipe
         self.segments: list[SegmentBox] = []
         self._denoising_steps = None  # kept from an imported file, not edited here
+        self._scope = None  # what an imported Scope file held beyond the timeline (written back on export)
         self._errors: list[tuple[str, str]] = []
         self._loading = False  # no re-validation per field while a whole timeline is being loaded
         self.session = Session(pipe)
@@ -166,7 +167,7 @@ class TimelineEditor:
             segs.append(s.values(start))
             start = segs[-1]["end"]
         return {"segments": segs, "unit": "seconds", "seed": self.seed.value, "height": self.height.value,
-                "width": self.width.value, "denoising_steps": self._denoising_steps}
+                "width": self.width.value, "denoising_steps": self._denoising_steps, "scope": self._scope}
 
     @property
     def timeline(self) -> Timeline:
@@ -211,7 +212,7 @@ class TimelineEditor:
                 self.seed.value = tl.seed
             if tl.height is not None:
                 self.height.value, self.width.value = tl.height, tl.width
-            self._denoising_steps = tl.denoising_steps
+            self._denoising_steps, self._scope = tl.denoising_steps, tl.scope
         finally:
             self._loading = False
         self._relayout()
@@ -297,7 +298,8 @@ class TimelineEditor:
         return tl
 
     def export_scope_json(self) -> Optional[dict]:
-        """The timeline as a Scope 2.1 dict, also written to the JSON box and a download link."""
+        """The timeline as a Scope dict (version 2.1, or the imported file's version and settings, kept),
+        also written to the JSON box and a download link."""
         tl = self.validate()
         if tl is None:
             return None
