@@ -122,6 +122,16 @@ def test_regenerate_without_a_video_is_a_shown_error(editor):
     assert "generate a video first" in editor.error_box.value and editor.log.outputs == ()
 
 
+def test_summary_names_segment_starts_and_conditioning_changes(editor):
+    # 1-second segments: segment 1 starts at chunk 2 (frame 16 -> chunk 2 starts at frame 21).
+    editor.segments[1].transition_steps.value = 3
+    tl = editor.timeline
+    assert tl.switch_summary() in editor.summary.value
+    starts = [sw.chunk for sw in tl.effective_switches()[1:]]
+    assert f"segments start at chunks {starts}" in editor.summary.value
+    assert f"conditioning changes at chunks [{starts[0] + 1}" in editor.summary.value  # a transition starts at t = 0
+
+
 def test_scope_json_round_trips_through_the_widgets(editor):
     path = ROOT / "data" / "timeline_lighthouse.scope.json"
     original = mf.Timeline.from_scope_json(path)

@@ -257,7 +257,8 @@ class TimelineEditor:
             n = tl.num_chunks
             frames = frames_of_chunks(n)
             self.summary.value = (f"<b>Timeline</b>: {len(tl.segments)} segment(s), {n} chunks, "
-                                  f"{seconds_of_frames(frames):.2f} s of video ({frames} frames at {FPS} fps)")
+                                  f"{seconds_of_frames(frames):.2f} s of video ({frames} frames at {FPS} fps); "
+                                  f"{tl.switch_summary()}")
 
     def _field_widget(self, path: str):
         parts = path.split(".")

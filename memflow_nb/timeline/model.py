@@ -17,7 +17,10 @@ chunk can round to zero chunks; it then never plays (``chunk_plan`` shows which 
 Transitions follow Scope's semantics: a segment with ``transition_steps = N > 0`` does not switch
 at once; its first N chunks use ``N`` embeddings interpolated from the conditioning in effect just
 before it to its own blend, at ``t = linspace(0, 1, N)``. The first of them equals the source, so
-the target is reached on the segment's N-th chunk (N = 1 only delays the switch by one chunk).
+the conditioning first changes on the segment's second chunk and reaches the target on its N-th
+chunk (N = 1 only delays the switch by one chunk). Two words for two things: a *segment start*
+(`effective_switches`) and a *conditioning change* (a chunk whose conditioning differs from the one
+before; `switch_summary` lists both).
 The blending math and the per-chunk plan are in `memflow_nb.timeline.conditioning`; the file
 formats in `memflow_nb.timeline.scope` and `memflow_nb.timeline.official`.
 """
@@ -296,6 +299,14 @@ class Timeline(_Model):
         """
         return [Switch(i, seg.start, c, time_of_chunk(c, chunk_frames))
                 for i, (seg, c) in enumerate(zip(self.segments, self._start_chunks(chunk_frames)))]
+
+    def switch_summary(self, num_chunks: Optional[int] = None, chunk_frames: int = CHUNK_FRAMES) -> str:
+        """"segments start at chunks [...]; conditioning changes at chunks [...]": where segments begin,
+        and which chunks get a new text conditioning (not the same with transitions); see
+        `memflow_nb.timeline.conditioning.switch_summary`. Needs torch."""
+        from .conditioning import switch_summary
+
+        return switch_summary(self, num_chunks, chunk_frames)
 
     # -- Scope timeline JSON (memflow_nb.timeline.scope) -------------------------------------
 
