@@ -248,3 +248,27 @@ def test_an_unexpected_error_is_one_line_plus_a_traceback_in_the_log(pipe, edito
     assert "RuntimeError: the GPU caught fire" in editor.status.value
     assert "Traceback" in "".join(o.get("text", "") for o in editor.log.outputs)
     assert not editor.generate_button.disabled  # the editor is usable again
+
+
+def test_segment_boxes_show_the_prompt_coach_and_update_after_edits(pipe):
+    ed = mf.TimelineEditor(pipe, mf.Timeline.from_scope_json(ROOT / "data" / "timeline_bad_prompts.scope.json"),
+                           height=32, width=48)
+    badges = [s.coach.value for s in ed.segments]
+    assert badges[0] == ""  # nothing to say about the first segment
+    assert "1 warning<" in badges[1] and "pronoun_start" in badges[1] and "She" in badges[1]
+    assert "description_drift" in badges[2] and "hard_cut" in badges[3]
+    # Typing (a committed prompt edit) updates the badge of that segment.
+    ed.segments[0].prompts[0].text.value = "He walks."
+    assert "pronoun_start" in ed.segments[0].coach.value and "short_prompt" in ed.segments[0].coach.value
+    # An invalid timeline leaves the last findings alone instead of coaching a broken one.
+    ed.segments[0].duration.value = -1
+    assert ed.errors and "pronoun_start" in ed.segments[0].coach.value
+    ed.segments[0].duration.value = 6
+    # "Copy the character from segment 1" fixes segment 3's drifted description, and its badge clears.
+    ed.segments[0].prompts[0].text.value = mf.Timeline.from_scope_json(
+        ROOT / "data" / "timeline_bad_prompts.scope.json").segments[0].prompts[0].text
+    assert ed.segments[2].copy_from.options[0] == ("segment 1", 0)
+    ed.segments[2].copy_from.value = 0
+    ed.segments[2].copy_button.click()
+    assert ed.segments[2].prompts[0].text.value.startswith("A young woman with short red hair in a yellow raincoat")
+    assert "description_drift" not in ed.segments[2].coach.value
