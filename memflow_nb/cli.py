@@ -145,6 +145,7 @@ def _generate(args) -> int:
     from .generation import Session, render_size
     from .pipeline import load
     from .timeline.clock import FPS, chunks_for_frames
+    from .timeline.conditioning import switch_summary
     from .video import VideoFile, check_writable
 
     _check_args(args)
@@ -176,10 +177,9 @@ def _generate(args) -> int:
         print(f"interrupted: {kept}", file=sys.stderr)
         return 130
     written = out.frames_written
-    switches = session.switches
     secs = time.perf_counter() - t0
     print(f"wrote {args.output}: {written} frames ({written / FPS:.1f} s at {FPS} fps), {width}x{height}, "
-          f"{chunks} chunks, prompt switches at chunks {switches or 'none'}; "
+          f"{chunks} chunks; {switch_summary(timeline, chunks, pipe.stream.chunk_frames)}; "
           f"generated in {secs:.1f} s ({written / secs:.1f} frames/s)")
     return 0
 

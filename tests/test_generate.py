@@ -121,8 +121,27 @@ def test_cli_reads_official_jsonl(tmp_path, capsys):
     rc = cli_main(["generate", str(path), "-o", str(out), "--model", "tiny", "--height", "32", "--width", "32",
                    "--frames", "40", "--switch-frames", "6", "--line", "1", "--no-progress"])
     assert rc == 0
-    assert "switches at chunks [2]" in capsys.readouterr().out
+    assert "segments start at chunks [2]; conditioning changes at chunks [2];" in capsys.readouterr().out
     assert read_video(out).shape[0] == 9 + 12 * 3
+
+
+def test_cli_says_where_segments_start_and_where_the_conditioning_changes(tmp_path, capsys):
+    from memflow_nb.timeline.model import Timeline
+
+    # Segment 1 starts at chunk 2 with a 3-step transition: chunk 2 still shows A (t = 0), chunk 3 is
+    # half-way; segment 2 cuts in at chunk 4. Two segment starts, two conditioning changes, not the same.
+    tl = Timeline(unit="chunks", segments=[
+        {"start": 0, "end": 2, "prompts": [A]},
+        {"start": 2, "end": 4, "prompts": [B], "transition_steps": 3},
+        {"start": 4, "end": 5, "prompts": [C]}])
+    path, out = tmp_path / "t.json", tmp_path / "o.gif"
+    tl.to_scope_json(path)
+    rc = cli_main(["generate", str(path), "-o", str(out), "--model", "tiny", "--height", "32", "--width", "32",
+                   "--no-progress"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "5 chunks; segments start at chunks [2, 4]; conditioning changes at chunks [3, 4];" in printed
+    assert "prompt switches" not in printed
 
 
 @pytest.mark.parametrize("args, message", [

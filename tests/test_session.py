@@ -162,5 +162,5 @@ def test_the_cli_generates_through_a_session(tmp_path, monkeypatch, capsys):
     path.write_text(json.dumps(tl(FOX, OWL).to_scope_json()))
     rc = cli_main(["generate", str(path), "-o", str(out), "--model", "tiny", "--frames", "30", "--no-progress"])
     assert rc == 0 and runs == [(None, False, 3)]  # no checkpoints, no frames kept: flat memory
-    assert "switches at chunks [2]" in capsys.readouterr().out
+    assert "segments start at chunks [2]; conditioning changes at chunks [2];" in capsys.readouterr().out
     assert read_video(out).shape == (frames_of_chunks(3), 32, 32, 3)

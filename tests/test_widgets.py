@@ -122,6 +122,16 @@ def test_regenerate_without_a_video_is_a_shown_error(editor):
     assert "generate a video first" in editor.error_box.value and editor.log.outputs == ()
 
 
+def test_summary_names_segment_starts_and_conditioning_changes(editor):
+    # 1-second segments: segment 1 starts at chunk 2 (frame 16 -> chunk 2 starts at frame 21).
+    editor.segments[1].transition_steps.value = 3
+    tl = editor.timeline
+    assert tl.switch_summary() in editor.summary.value
+    starts = [sw.chunk for sw in tl.effective_switches()[1:]]
+    assert f"segments start at chunks {starts}" in editor.summary.value
+    assert f"conditioning changes at chunks [{starts[0] + 1}" in editor.summary.value  # a transition starts at t = 0
+
+
 def test_scope_json_round_trips_through_the_widgets(editor):
     path = ROOT / "data" / "timeline_lighthouse.scope.json"
     original = mf.Timeline.from_scope_json(path)
@@ -238,3 +248,27 @@ def test_an_unexpected_error_is_one_line_plus_a_traceback_in_the_log(pipe, edito
     assert "RuntimeError: the GPU caught fire" in editor.status.value
     assert "Traceback" in "".join(o.get("text", "") for o in editor.log.outputs)
     assert not editor.generate_button.disabled  # the editor is usable again
+
+
+def test_segment_boxes_show_the_prompt_coach_and_update_after_edits(pipe):
+    ed = mf.TimelineEditor(pipe, mf.Timeline.from_scope_json(ROOT / "data" / "timeline_bad_prompts.scope.json"),
+                           height=32, width=48)
+    badges = [s.coach.value for s in ed.segments]
+    assert badges[0] == ""  # nothing to say about the first segment
+    assert "1 warning<" in badges[1] and "pronoun_start" in badges[1] and "She" in badges[1]
+    assert "description_drift" in badges[2] and "hard_cut" in badges[3]
+    # Typing (a committed prompt edit) updates the badge of that segment.
+    ed.segments[0].prompts[0].text.value = "He walks."
+    assert "pronoun_start" in ed.segments[0].coach.value and "short_prompt" in ed.segments[0].coach.value
+    # An invalid timeline leaves the last findings alone instead of coaching a broken one.
+    ed.segments[0].duration.value = -1
+    assert ed.errors and "pronoun_start" in ed.segments[0].coach.value
+    ed.segments[0].duration.value = 6
+    # "Copy the character from segment 1" fixes segment 3's drifted description, and its badge clears.
+    ed.segments[0].prompts[0].text.value = mf.Timeline.from_scope_json(
+        ROOT / "data" / "timeline_bad_prompts.scope.json").segments[0].prompts[0].text
+    assert ed.segments[2].copy_from.options[0] == ("segment 1", 0)
+    ed.segments[2].copy_from.value = 0
+    ed.segments[2].copy_button.click()
+    assert ed.segments[2].prompts[0].text.value.startswith("A young woman with short red hair in a yellow raincoat")
+    assert "description_drift" not in ed.segments[2].coach.value

@@ -26,7 +26,7 @@ from ..timeline.clock import FPS, frames_of_chunks, seconds_of_frames
 from ..timeline.model import Timeline, TimelineError
 from .controls import button, field
 from .files import ScopeFilePanel
-from .messages import RED_BORDER, errors_html
+from .messages import RED_BORDER, errors_html, findings_html
 from .run import RunPanel
 from .segments import PromptsLike, SegmentBox, prompt_list
 
@@ -64,6 +64,8 @@ class TimelineEditor:
         self.pipe = pipe
         self.segments: list[SegmentBox] = []
         self._denoising_steps = None  # kept from an imported file, not edited here
+        self._coached: Optional[Timeline] = None  # the timeline the coach's findings are about
+        self._scope = None  # what an imported Scope file held beyond the timeline (written back on export)
         self._errors: list[tuple[str, str]] = []
         self._loading = False  # no re-validation per field while a whole timeline is being loaded
         self.session = Session(pipe)
@@ -133,7 +135,8 @@ class TimelineEditor:
         seg = SegmentBox(prompt_list(prompts), duration, transition_steps, transition_method, wrap=self._callback,
                          on_edit=self._refresh, on_remove=lambda box: self.remove_segment(self.segments.index(box)),
                          on_move=lambda box, by: self.move_segment(self.segments.index(box),
-                                                                   self.segments.index(box) + by))
+                                                                   self.segments.index(box) + by),
+                         on_copy=lambda box, source: self.copy_subject(source, self.segments.index(box)))
         index = len(self.segments) if index is None else index
         self.segments.insert(index, seg)
         self._relayout()
@@ -154,6 +157,34 @@ class TimelineEditor:
         """Replace segment `index`'s prompt blend."""
         self.segments[index].set_prompts(prompt_list(prompts))
 
+    def copy_subject(self, source: int, target: int) -> bool:
+        """Make segment `target`'s main prompt describe its subject word for word as segment
+        `source` does (`memflow_nb.prompt_coach.copy_subject`); False, with the reason shown, when
+        there is nothing to copy."""
+        from ..prompt_coach import copy_subject
+
+        tl = self.validate()
+        new = copy_subject(tl, source, target) if tl is not None else None
+        if new is None:
+            if tl is not None:
+                self.runner.set_status(f"Nothing to copy: segment {source + 1} has no subject description the "
+                                       f"coach can find, or segment {target + 1}'s prompt has none to replace.")
+            return False
+        self.set_prompts(target, [(p.text, p.weight) for p in new.segments[target].prompts])
+        return True
+
+    def _coach(self, tl: Optional[Timeline]) -> None:
+        """The prompt coach's findings in each segment box. Only on a valid timeline, and only when
+        the prompts or times changed (typing commits on leaving a prompt box, so this is debounced)."""
+        from ..prompt_coach import coach
+
+        if tl is None or tl == self._coached:
+            return
+        self._coached = tl
+        coaching = coach(tl)
+        for i, s in enumerate(self.segments):
+            s.coach.value = findings_html(coaching.for_segment(i))
+
     def _relayout(self) -> None:
         self.segment_box.children = [s.box for s in self.segments]
         self._refresh()
@@ -166,7 +197,7 @@ class TimelineEditor:
             segs.append(s.values(start))
             start = segs[-1]["end"]
         return {"segments": segs, "unit": "seconds", "seed": self.seed.value, "height": self.height.value,
-                "width": self.width.value, "denoising_steps": self._denoising_steps}
+                "width": self.width.value, "denoising_steps": self._denoising_steps, "scope": self._scope}
 
     @property
     def timeline(self) -> Timeline:
@@ -211,7 +242,7 @@ class TimelineEditor:
                 self.seed.value = tl.seed
             if tl.height is not None:
                 self.height.value, self.width.value = tl.height, tl.width
-            self._denoising_steps = tl.denoising_steps
+            self._denoising_steps, self._scope = tl.denoising_steps, tl.scope
         finally:
             self._loading = False
         self._relayout()
@@ -249,14 +280,20 @@ class TimelineEditor:
             s.header.value = (f"<b>Segment {i + 1}</b> &nbsp; {start:g}&ndash;{end:g} s"
                               + (f" &nbsp;<span style='color:#666'>{where}</span>" if where else ""))
             s.up.disabled, s.down.disabled = i == 0, i == len(self.segments) - 1
+            others = [(f"segment {j + 1}", j) for j in range(len(self.segments)) if j != i]
+            if [o for o in s.copy_from.options] != others:
+                s.copy_from.options = others
+            s.copy_button.disabled = not others
             start = end
+        self._coach(tl)
         if tl is None:
             self.summary.value = "<b>Timeline</b> (fix the fields marked in red)"
         else:
             n = tl.num_chunks
             frames = frames_of_chunks(n)
             self.summary.value = (f"<b>Timeline</b>: {len(tl.segments)} segment(s), {n} chunks, "
-                                  f"{seconds_of_frames(frames):.2f} s of video ({frames} frames at {FPS} fps)")
+                                  f"{seconds_of_frames(frames):.2f} s of video ({frames} frames at {FPS} fps); "
+                                  f"{tl.switch_summary()}")
 
     def _field_widget(self, path: str):
         parts = path.split(".")
@@ -297,7 +334,8 @@ class TimelineEditor:
         return tl
 
     def export_scope_json(self) -> Optional[dict]:
-        """The timeline as a Scope 2.1 dict, also written to the JSON box and a download link."""
+        """The timeline as a Scope dict (version 2.1, or the imported file's version and settings, kept),
+        also written to the JSON box and a download link."""
         tl = self.validate()
         if tl is None:
             return None

@@ -41,3 +41,20 @@ def status_html(text: str, error: bool = False) -> str:
     """One status line (red for an error); empty text clears it."""
     color = "#b00" if error else "#333"
     return f"<span style='color:{color}'>{html.escape(text)}</span>" if text else ""
+
+
+def findings_html(findings: Sequence) -> str:
+    """A segment's prompt-coach findings (`memflow_nb.prompt_coach.Finding`): a small badge with the
+    number of warnings (notes when there are none), whose tooltip and collapsible list give each
+    reason and suggestion. Empty when there is nothing to say."""
+    if not findings:
+        return ""
+    n_warn = sum(f.severity == "warn" for f in findings)
+    n = n_warn or len(findings)
+    label = f"{n} {'warning' if n_warn else 'note'}{'s' * (n != 1)}"
+    color = "#c77700" if n_warn else "#777"
+    lines = [f"{f.kind}: {f.reason}" + (f" -> {f.suggestion}" if f.suggestion else "") for f in findings]
+    items = "".join(f"<li><b>{html.escape(f.severity)}</b> {html.escape(line)}</li>" for f, line in zip(findings, lines))
+    return (f"<details class='memflow-coach' style='font-size:90%'><summary title='{html.escape(chr(10).join(lines))}'>"
+            f"<span class='memflow-coach-badge' style='background:{color};color:white;border-radius:8px;"
+            f"padding:0 6px'>prompt coach: {label}</span></summary><ul style='margin:2px 0'>{items}</ul></details>")

@@ -44,12 +44,15 @@ class SegmentBox:
     """Widgets of one segment: its prompt blend, duration (s), transition steps and method.
 
     The editor that holds it passes `wrap` (wraps widget callbacks so errors are shown),
-    `on_edit()` (any value changed), `on_move(box, by)` and `on_remove(box)`.
+    `on_edit()` (any value changed), `on_move(box, by)`, `on_remove(box)` and `on_copy(box, source)`
+    ("copy the character description from segment `source`"). `coach` shows the prompt coach's
+    findings; `copy_from` lists the other segments (the editor fills both in).
     """
 
     def __init__(self, prompts: list[tuple[str, float]], duration: float, transition_steps: int,
                  transition_method: str, *, wrap: Callable[[Callable], Callable], on_edit: Callable[[], None],
-                 on_move: Callable[["SegmentBox", int], None], on_remove: Callable[["SegmentBox"], None]):
+                 on_move: Callable[["SegmentBox", int], None], on_remove: Callable[["SegmentBox"], None],
+                 on_copy: Callable[["SegmentBox", int], None] = lambda box, source: None):
         self._wrap, self._on_edit = wrap, on_edit
         self.header = W.HTML(layout=W.Layout(flex="1 1 auto"))
         self.up = button(icon="arrow-up", tooltip="move this segment earlier")
@@ -60,11 +63,17 @@ class SegmentBox:
         self.transition_steps = field(W.IntText, "transition (chunks)", "14em", value=transition_steps,
                                       tooltip="0: hard cut; N: reach this segment's prompt over N chunks")
         self.transition_method = field(W.Dropdown, "method", "11em", options=METHODS, value=transition_method)
+        self.coach = W.HTML()
+        self.copy_from = field(W.Dropdown, "from", "11em", options=[])
+        self.copy_button = button("copy the character", "clone",
+                                  "make this segment describe its subject word for word as the chosen segment does")
         self.prompts: list[PromptRow] = []
         self.prompt_box = W.VBox(layout=W.Layout(width="100%"))
         self.box = W.VBox([W.HBox([self.header, self.up, self.down, self.remove], layout=W.Layout(width="100%")),
+                           self.coach,
                            self.prompt_box,
-                           W.HBox([self.add_prompt, self.duration, self.transition_steps, self.transition_method])],
+                           W.HBox([self.add_prompt, self.duration, self.transition_steps, self.transition_method,
+                                   self.copy_button, self.copy_from])],
                           layout=W.Layout(border="1px solid #ccc", padding="4px", margin="2px 0", width="100%"))
         for p in prompts:
             self.add(*p, refresh=False)
@@ -72,6 +81,7 @@ class SegmentBox:
         self.down.on_click(wrap(lambda _: on_move(self, 1)))
         self.remove.on_click(wrap(lambda _: on_remove(self)))
         self.add_prompt.on_click(wrap(lambda _: self.add("", 1.0)))
+        self.copy_button.on_click(wrap(lambda _: self.copy_from.value is not None and on_copy(self, self.copy_from.value)))
         for w in (self.duration, self.transition_steps, self.transition_method):
             w.observe(wrap(lambda _: on_edit()), names="value")
 

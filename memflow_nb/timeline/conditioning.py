@@ -280,3 +280,22 @@ def chunk_embeddings(timeline: Timeline, embed_of: Callable[[str], torch.Tensor]
     embeddings = Embeddings(embed_of)
     for cc in conditioning_plan(timeline, blend_method, chunk_frames)[start:]:
         yield cc.chunk, embeddings(cc.conditioning).unsqueeze(0), cc.changed
+
+
+def switch_summary(timeline: Timeline, num_chunks: int | None = None, chunk_frames: int = CHUNK_FRAMES) -> str:
+    """Two different things, in one line: "segments start at chunks [11, 22, 33]; conditioning changes
+    at chunks [12, 13, 14, 23, 24, 34, 35, 36]" (the lighthouse example).
+
+    *Segment starts*: the chunk where each later segment that plays begins (`Timeline.effective_switches`).
+    *Conditioning changes*: the chunks whose text conditioning differs from the previous chunk's (where
+    the KV cache is re-made). They differ for transitions: a segment with ``transition_steps = N >= 1``
+    starting at chunk ``s`` keeps the previous conditioning on ``s`` (its t = 0) and changes it on
+    ``s + 1`` .. ``s + max(1, N - 1)``. Only chunks before ``num_chunks`` (default: the whole timeline) count.
+    """
+    plan = timeline.chunk_plan(chunk_frames)
+    n = len(plan) if num_chunks is None else num_chunks
+    starts = [sw.chunk for sw in timeline.effective_switches(chunk_frames)[1:]
+              if sw.chunk < min(n, len(plan)) and plan[sw.chunk] == sw.segment]
+    changes = [cc.chunk for cc in conditioning_plan(timeline, chunk_frames=chunk_frames)[1:n] if cc.changed]
+    return (f"segments start at chunks {starts or 'none'}; "
+            f"conditioning changes at chunks {changes or 'none'}")

@@ -17,13 +17,17 @@ chunk can round to zero chunks; it then never plays (``chunk_plan`` shows which 
 Transitions follow Scope's semantics: a segment with ``transition_steps = N > 0`` does not switch
 at once; its first N chunks use ``N`` embeddings interpolated from the conditioning in effect just
 before it to its own blend, at ``t = linspace(0, 1, N)``. The first of them equals the source, so
-the target is reached on the segment's N-th chunk (N = 1 only delays the switch by one chunk).
+the conditioning first changes on the segment's second chunk and reaches the target on its N-th
+chunk (N = 1 only delays the switch by one chunk). Two words for two things: a *segment start*
+(`effective_switches`) and a *conditioning change* (a chunk whose conditioning differs from the one
+before; `switch_summary` lists both).
 The blending math and the per-chunk plan are in `memflow_nb.timeline.conditioning`; the file
 formats in `memflow_nb.timeline.scope` and `memflow_nb.timeline.official`.
 """
 from __future__ import annotations
 
 import bisect
+import json
 import math
 import threading
 from contextlib import contextmanager
@@ -220,12 +224,30 @@ class Switch(NamedTuple):
     time: float  # seconds of video at which that chunk's first frame is shown
 
 
+class ScopeOrigin(_Model):
+    """What a Scope timeline file held beyond the timeline, written back unchanged on export.
+
+    ``version``: the file's version ("1.0", "2.0" or "2.1"). ``settings``: the settings a Timeline does
+    not model (pipelineId, manageCache, quantization, noiseScale, loras, loraMergeStrategy, ...), as
+    read. ``extra``: top-level keys other than version, exportedAt, prompts and settings.
+    """
+
+    version: str = "2.1"
+    settings: dict[str, Any] = {}
+    extra: dict[str, Any] = {}
+
+    def __hash__(self) -> int:  # dicts are unhashable; a Timeline stays hashable
+        return hash(json.dumps([self.version, self.settings, self.extra], sort_keys=True, default=repr))
+
+
 class Timeline(_Model):
     """A validated, immutable prompt timeline.
 
     ``segments``: ordered, non-overlapping (gaps allowed, see module doc). ``unit``: "seconds"
     (video time at 16 fps) or "chunks" (integer chunk indices). ``seed``, ``height``, ``width``,
-    ``denoising_steps``: optional generation settings (None: use the stream's own).
+    ``denoising_steps``: optional generation settings (None: use the stream's own). ``scope``: what
+    the Scope file it was read from held beyond these (None: a MemFlow file holding nothing more,
+    or a timeline made here); `to_scope_json` writes it back unchanged.
     """
 
     segments: Annotated[tuple[Segment, ...], AfterValidator(_non_empty)]
@@ -234,6 +256,7 @@ class Timeline(_Model):
     height: Optional[Side] = None
     width: Optional[Side] = None
     denoising_steps: Optional[Annotated[tuple[Step, ...], AfterValidator(_non_empty), AfterValidator(_descending)]] = None
+    scope: Optional[ScopeOrigin] = None
 
     @model_validator(mode="after")
     def _cross_check(self) -> "Timeline":
@@ -288,6 +311,14 @@ class Timeline(_Model):
         return [Switch(i, seg.start, c, time_of_chunk(c, chunk_frames))
                 for i, (seg, c) in enumerate(zip(self.segments, self._start_chunks(chunk_frames)))]
 
+    def switch_summary(self, num_chunks: Optional[int] = None, chunk_frames: int = CHUNK_FRAMES) -> str:
+        """"segments start at chunks [...]; conditioning changes at chunks [...]": where segments begin,
+        and which chunks get a new text conditioning (not the same with transitions); see
+        `memflow_nb.timeline.conditioning.switch_summary`. Needs torch."""
+        from .conditioning import switch_summary
+
+        return switch_summary(self, num_chunks, chunk_frames)
+
     # -- Scope timeline JSON (memflow_nb.timeline.scope) -------------------------------------
 
     @classmethod
@@ -311,3 +342,14 @@ class Timeline(_Model):
         from .scope import write_scope_json
 
         return write_scope_json(self, path, exported_at, chunk_frames)
+
+    def scope_loras(self, lora_dir: Union[str, Path, None] = None) -> list[tuple[str, float]]:
+        """The user LoRAs of the Scope file this was read from, ``[(path, scale), ...]``, ready for
+        ``memflow_nb.load(..., loras=timeline.scope_loras())`` ([] when the file named none).
+
+        ``lora_dir``: a folder holding the LoRAs on this machine (Scope writes absolute paths of the
+        machine that made the file); see `memflow_nb.user_lora.loras_from_scope_settings`.
+        """
+        from ..user_lora import loras_from_scope_settings
+
+        return loras_from_scope_settings(self.scope.settings if self.scope else {}, lora_dir=lora_dir)

@@ -2,10 +2,16 @@
 
 Only the file's shape and the keys that a Timeline does not hold are checked here; leaf values are
 handed to Timeline so each rule lives in one place, and errors are reported with Scope's key names.
+
+Round trips lose nothing at the file level: the settings a Timeline does not model (pipelineId,
+manageCache, quantization, noiseScale, loras, ...), other top-level keys and the version are kept in
+`Timeline.scope` and written back unchanged. Block-level UI keys (id, isLive, color) are not kept.
 """
 from __future__ import annotations
 
+import copy
 import json
+import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
@@ -13,9 +19,12 @@ from typing import Annotated, Any, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .clock import CHUNK_FRAMES, time_of_chunk
-from .model import Timeline, TimelineError, as_timeline_error
+from .model import ScopeOrigin, Timeline, TimelineError, as_timeline_error
 
 SCOPE_VERSIONS = ("1.0", "2.0", "2.1")
+PIPELINE_ID = "memflow"  # Scope's id for this model; files for other pipelines load with a warning
+MODELLED_SETTINGS = ("resolution", "seed", "denoisingSteps")  # the settings a Timeline holds
+_FILE_KEYS = ("version", "exportedAt", "prompts", "settings")
 
 
 def read_scope_json(source: Union[dict, str, Path]) -> Timeline:
@@ -49,13 +58,44 @@ def read_scope_json(source: Union[dict, str, Path]) -> Timeline:
               "height": s.resolution.height if s.resolution else None,
               "width": s.resolution.width if s.resolution else None,
               "denoising_steps": s.denoisingSteps}
+    fields["scope"] = _origin(data)
     with as_timeline_error(lambda loc: _scope_loc(loc, fallback, seed_loc)):
-        return Timeline.model_validate(fields)
+        timeline = Timeline.model_validate(fields)
+    _warn_other_pipeline(source, data)
+    return timeline
+
+
+def _origin(data: dict) -> ScopeOrigin | None:
+    """The file's version, unmodelled settings and other top-level keys (None: nothing beyond a
+    version 2.1 MemFlow file, which is what `write_scope_json` makes without an origin)."""
+    settings = data.get("settings") or {}
+    kept = {k: copy.deepcopy(v) for k, v in settings.items() if k not in MODELLED_SETTINGS}
+    extra = {k: copy.deepcopy(v) for k, v in data.items() if k not in _FILE_KEYS}
+    if data["version"] == "2.1" and kept in ({}, {"pipelineId": PIPELINE_ID}) and not extra:
+        return None
+    return ScopeOrigin(version=data["version"], settings=kept, extra=extra)
+
+
+def _warn_other_pipeline(source: Any, data: dict) -> None:
+    settings = data.get("settings") or {}
+    pipeline = settings.get("pipelineId")
+    if pipeline in (None, PIPELINE_ID):
+        return
+    name = source.name if isinstance(source, Path) else "timeline" if isinstance(source, dict) or \
+        str(source).lstrip().startswith("{") else Path(source).name
+    used = ["prompts", "times", "transitions"] + [k for k in MODELLED_SETTINGS if k in settings]
+    if "schemaFieldOverrides" in settings and "seed" not in settings:
+        used.append("schemaFieldOverrides.base_seed")
+    ignored = [k for k in settings if k not in MODELLED_SETTINGS and k != "pipelineId"]
+    warnings.warn(f"{name} was made for Scope's {pipeline!r} pipeline, not {PIPELINE_ID!r}: using "
+                  f"{', '.join(used)}; ignoring {', '.join(ignored) or 'nothing else'} "
+                  "(kept and written back on export)", stacklevel=3)
 
 
 def write_scope_json(timeline: Timeline, path: Union[str, Path, None] = None, exported_at: str | None = None,
                      chunk_frames: int = CHUNK_FRAMES) -> dict:
-    """``timeline`` as a version "2.1" Scope dict (also written to ``path`` if given).
+    """``timeline`` as a Scope dict (also written to ``path`` if given): version "2.1", or the version
+    and the unmodelled settings of the file it was read from (``timeline.scope``), unchanged.
 
     Chunk-unit timelines are written in seconds (each boundary at its chunk's first frame), which
     reads back as a seconds timeline with the same ``chunk_plan``.
@@ -72,15 +112,20 @@ def write_scope_json(timeline: Timeline, path: Union[str, Path, None] = None, ex
         if seg.transition_method is not None:
             b["temporalInterpolationMethod"] = seg.transition_method
         blocks.append(b)
-    settings: dict[str, Any] = {"pipelineId": "memflow"}
+    origin = timeline.scope or ScopeOrigin(settings={"pipelineId": PIPELINE_ID})
+    settings: dict[str, Any] = copy.deepcopy(origin.settings)
     if timeline.height is not None:
         settings["resolution"] = {"height": timeline.height, "width": timeline.width}
+    overrides = settings.get("schemaFieldOverrides")
     if timeline.seed is not None:
-        settings["seed"] = timeline.seed
+        if isinstance(overrides, dict) and "base_seed" in overrides:
+            overrides["base_seed"] = timeline.seed  # the seed stays where the file had it
+        else:
+            settings["seed"] = timeline.seed
     if timeline.denoising_steps is not None:
         settings["denoisingSteps"] = list(timeline.denoising_steps)
-    doc = {"version": "2.1", "exportedAt": exported_at or datetime.now(timezone.utc).isoformat(),
-           "prompts": blocks, "settings": settings}
+    doc = {"version": origin.version, "exportedAt": exported_at or datetime.now(timezone.utc).isoformat(),
+           "prompts": blocks, "settings": settings, **copy.deepcopy(origin.extra)}
     if path is not None:
         Path(path).write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return doc
