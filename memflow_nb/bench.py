@@ -31,7 +31,9 @@ from .timeline.clock import frames_in_chunk, frames_of_chunks
 
 def random_module(build_fn, device, dtype, seed: int = 0):
     """The golden recipe's random weights (memflow_nb.weights.build.random_module) on the device."""
-    return build.random_module(build_fn, seed, device=device, dtype=dtype)
+    from .weights.build import random_module as recipe_module
+
+    return recipe_module(build_fn, seed, device=device, dtype=dtype)
 
 
 class _Timer:
