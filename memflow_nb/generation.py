@@ -141,6 +141,8 @@ def generate(pipe, timeline: Timeline, *, seed: Optional[int] = None, height: Op
     plan = list(_plan(timeline, start, total))
     if hasattr(pipe.text, "encode_all"):  # in one batch: a streamed text encoder reads its file once
         pipe.text.encode_all(list(dict.fromkeys(t for cc in plan for t in cc.texts)))
+    # The plan's low-memory decode (one latent frame at a time: the same pixels, a smaller workspace).
+    per_frame = bool(getattr(getattr(pipe, "plan", None), "vae_per_frame", False))
     bar = _progress(progress, total, start.chunk, getattr(pipe, "name", ""))
     try:
         for cc in plan:  # prompts are encoded only where a chunk needs them
@@ -150,7 +152,7 @@ def generate(pipe, timeline: Timeline, *, seed: Optional[int] = None, height: Op
                 state = set_prompt(model, state, embeddings(cc.conditioning)[None])
             state, x0 = step(model, state)
             vp = next(vae.parameters())
-            pixels, vae_state = decode(vae, x0.to(vp.device, vp.dtype), vae_state)
+            pixels, vae_state = decode(vae, x0.to(vp.device, vp.dtype), vae_state, per_frame=per_frame)
             out = Chunk(cc.chunk, to_uint8(pixels[0]), x0, state, vae_state, cc.changed, cc.conditioning)
             if checkpoints is not None:
                 checkpoints.add(out.checkpoint())

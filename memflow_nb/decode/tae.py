@@ -177,7 +177,8 @@ class TAEDecoder(CausalDecoder):
         return TAEDecodeState(memory=(None,) * len(self.mem_indices))
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor, state: "TAEDecodeState") -> tuple[torch.Tensor, "TAEDecodeState"]:
+    def decode(self, latents: torch.Tensor, state: "TAEDecodeState", *, per_frame: bool = False
+               ) -> tuple[torch.Tensor, "TAEDecodeState"]:
         """Decode the next latent frames of a stream with the TAE.
 
         latents: [B, T, 16, h, w], our normalised latents (de-normalised here if config.denormalize).
@@ -186,6 +187,12 @@ class TAEDecoder(CausalDecoder):
         is not changed, so decoding again from it gives the same frames. Chunks of any size give
         the frames of decoding the clip whole.
         """
+        if per_frame and latents.shape[1] > 1:  # one latent frame at a time: the same pixels, less memory
+            pieces = []
+            for f in range(latents.shape[1]):
+                pixels, state = self.decode(latents[:, f:f + 1], state)
+                pieces.append(pixels)
+            return torch.cat(pieces, dim=1), state
         cfg = self.config
         check_latents(latents, state, len(state.memory), what="TAE", channels="latent_channels",
                       expected_channels=cfg.latent_channels, slots=len(self.mem_indices))
