@@ -1,8 +1,8 @@
 """Notebook 02 in a real JupyterLab, driven by a real browser: run all cells, click the editor's
-Generate button, and wait for the <video> it shows.
+Generate button, and wait for the <video> it shows; the prompt coach's badges are on the page.
 
 JupyterLab runs headless on 127.0.0.1 (a free port, token auth, a scratch root holding a copy of
-the notebook and its data file); Debian's chromium is driven by Playwright, which is never
+the notebook and the data files); Debian's chromium is driven by Playwright, which is never
 allowed to download a browser. The kernel runs the tiny model in fast mode (32x48, 3 chunks).
 A screenshot goes to $MEMFLOW_NB_ARTIFACTS (default tests/artifacts/browser_notebook02.png).
 """
@@ -61,9 +61,8 @@ def lab(tmp_path):
     """A JupyterLab server on 127.0.0.1 serving a copy of notebook 02; yields (base url, token)."""
     root = tmp_path / "root"
     (root / "notebooks").mkdir(parents=True)
-    (root / "data").mkdir()
     shutil.copy(NOTEBOOK, root / "notebooks")
-    shutil.copy(ROOT / "data" / "timeline_lighthouse.scope.json", root / "data")
+    shutil.copytree(ROOT / "data", root / "data")  # the example and the prompt coach's bad example
     settings = tmp_path / "lab-settings"
     for rel, value in LAB_SETTINGS.items():
         (settings / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -178,6 +177,14 @@ def test_notebook_02_generates_a_video_in_jupyterlab(lab):
             wait_for(all_ran, 180, "every cell of notebook 02 to run")
             errors = page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']")
             assert errors.count() == 0, "a cell failed:\n" + "\n".join(errors.all_inner_texts())[-3000:]
+
+            # The prompt coach's badges: the example file rewords its keeper in segments 2 and 3.
+            badges = page.locator(".jp-Notebook .memflow-coach-badge")
+            wait_for(lambda: badges.count() == 2, 30, "two prompt-coach badges in the editor")
+            badges.first.scroll_into_view_if_needed()
+            assert badges.first.is_visible() and badges.first.inner_text().strip() == "prompt coach: 1 warning"
+            tooltip = page.locator(".jp-Notebook .memflow-coach summary").first.get_attribute("title") or ""
+            assert "description_drift" in tooltip
 
             generate = page.locator("button.memflow-generate")
             generate.wait_for(state="visible")

@@ -100,7 +100,8 @@ def run_notebook(path: Path, tmp_path: Path, monkeypatch) -> nbformat.NotebookNo
 def test_01_quickstart_runs(tmp_path, monkeypatch):
     nb = run_notebook(ROOT / "notebooks" / "01_quickstart.ipynb", tmp_path, monkeypatch)
     printed = "".join(outputs_of(nb, "stream"))
-    assert "RANDOM WEIGHTS" in "".join(outputs_of(nb, "text/plain"))  # the tiny model was used
+    assert "RANDOM WEIGHTS" in printed  # the tiny model was used
+    assert "plan: tiny 64x112" in printed and "text encoder cpu" in printed  # the plan, printed in the first cells
     assert "(33, 32, 48, 3) uint8" in printed  # FAST: 3 chunks at 32x48
     assert any("<video" in h for h in outputs_of(nb, "text/html"))
     assert (tmp_path / "notebooks" / "quickstart.mp4").stat().st_size > 0
@@ -111,7 +112,18 @@ def test_02_prompt_timeline_runs(tmp_path, monkeypatch):
     nb = run_notebook(ROOT / "notebooks" / "02_prompt_timeline.ipynb", tmp_path, monkeypatch)
     printed = "".join(outputs_of(nb, "stream"))
     assert "segment 1: asked for 8 s" in printed  # effective switches of the lighthouse file
+    assert "plan: tiny 64x112" in printed
     assert outputs_of(nb, "application/vnd.jupyter.widget-view+json")  # the editor was displayed
+    # The prompt coach: the bad file's three warnings, none left once its suggestions are applied,
+    # then the embedding similarities (said to be random for the tiny model), and no extension run (FAST).
+    reports = [s for s in outputs_of(nb, "stream") if "prompt coach: 4 segments" in s]
+    assert len(reports) == 3, reports
+    assert "3 warnings" in reports[1] and "pronoun_start" in reports[1] and "description_drift" in reports[1]
+    assert "hard_cut" in reports[1] and "0 warnings" in reports[2]
+    assert "segment 1 now:" in printed and "segment 3 now: transition 4" in printed
+    assert re.search(r"similarity with the previous segment: -, (-?[01]\.\d{3}, ){2}-?[01]\.\d{3}", printed)
+    assert "tiny model: a random text encoder" in printed
+    assert 'pip install "memflow_nb[prompt]"' in printed
 
 
 @pytest.mark.slow
