@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from conftest import DATA, make_tiny_model, stream_states, tiny_prompt
+from conftest import make_tiny_model, stream_states, tiny_prompt
 from memflow_nb.engine.config import ModelConfig, StreamConfig
 from memflow_nb.engine.model import CausalWanModel
 from memflow_nb.engine.noise import chunk_noise
@@ -112,7 +112,7 @@ def masked_reference_chunk(model, states, outs, c, stream):
     return x0
 
 
-def test_cached_stream_equals_dense_masked_recompute(tiny_model, stream_states):
+def test_cached_stream_equals_dense_masked_recompute(tiny_model):
     stream = StreamConfig()
     states, outs = stream_states(tiny_model, 12, stream, hw=(64, 48))
     # Chunks before and after the window rolls, after the bank fills and after compressions.
@@ -138,7 +138,7 @@ def test_workspace_fast_path_equals_reference_path_bitwise(tiny_model, monkeypat
 
 # -- functional state -------------------------------------------------------------------------------
 
-def test_stepping_twice_from_an_old_state_gives_identical_results(tiny_model, stream_states):
+def test_stepping_twice_from_an_old_state_gives_identical_results(tiny_model):
     states, outs = stream_states(tiny_model, 5)
     old = states[3]
     before = [t.clone() for t in tensors_of(old)]
@@ -152,7 +152,7 @@ def test_stepping_twice_from_an_old_state_gives_identical_results(tiny_model, st
         assert same(t0, t1), "stepping mutated a state the caller still holds"
 
 
-def test_set_prompt_does_not_touch_the_old_state(tiny_model, tiny_prompt, stream_states):
+def test_set_prompt_does_not_touch_the_old_state(tiny_model):
     states, _ = stream_states(tiny_model, 5)
     old = states[5]
     before = [t.clone() for t in tensors_of(old)]
@@ -194,7 +194,7 @@ def test_unchanged_cache_frames_are_shared_not_copied(tiny_model):
 
 # -- determinism ------------------------------------------------------------------------------------
 
-def test_same_seed_same_bits_and_seed_matters(tiny_model, stream_states):
+def test_same_seed_same_bits_and_seed_matters(tiny_model):
     _, a = stream_states(tiny_model, 3, seed=11)
     _, b = stream_states(tiny_model, 3, seed=11)
     _, c = stream_states(tiny_model, 3, seed=12)
@@ -210,7 +210,7 @@ def test_chunk_noise_depends_only_on_seed_and_chunk():
     assert not torch.equal(chunk_noise(6, 7, (1, 3, 4, 2, 2), 1)[0], a[0])
 
 
-def test_explicit_noise_is_used(tiny_model, tiny_prompt):
+def test_explicit_noise_is_used(tiny_model):
     state = init_state(tiny_model, StreamConfig(), tiny_prompt(0), height=32, width=32)
     shape = (1, 3, 16, 4, 4)
     drawn = chunk_noise(0, 0, shape, 4)
@@ -222,7 +222,7 @@ def test_explicit_noise_is_used(tiny_model, tiny_prompt):
 
 # -- the memory bank --------------------------------------------------------------------------------
 
-def test_bank_holds_the_recorded_frames(tiny_model, stream_states):
+def test_bank_holds_the_recorded_frames(tiny_model):
     states, _ = stream_states(tiny_model, 12)
     frames = lambda c: sorted(set(states[c + 1].bank_frames.flatten().tolist()))
     assert states[1].bank_frames.numel() == 0 and states[1].pending_frame == 0
@@ -238,7 +238,7 @@ def test_bank_holds_the_recorded_frames(tiny_model, stream_states):
     assert set(f for f, _ in states[11].records) == set(after.flatten().tolist()) | {27}
 
 
-def test_update_memory_on_its_own_is_pure_and_scores_against_given_text(tiny_model, tiny_prompt, stream_states):
+def test_update_memory_on_its_own_is_pure_and_scores_against_given_text(tiny_model):
     states, _ = stream_states(tiny_model, 10)
     s = states[10]
     r1 = update_memory(tiny_model, s)
@@ -249,7 +249,7 @@ def test_update_memory_on_its_own_is_pure_and_scores_against_given_text(tiny_mod
     assert not torch.equal(r3.memory_log[-1].scores, r1.memory_log[-1].scores)
 
 
-def test_no_memory_bank_runs(tiny_model, stream_states):
+def test_no_memory_bank_runs(tiny_model):
     states, outs = stream_states(tiny_model, 5, StreamConfig(bank_size=0))
     assert states[-1].bank == () and len(outs) == 5
 
@@ -257,27 +257,27 @@ def test_no_memory_bank_runs(tiny_model, stream_states):
 # -- sizes, SMA and errors ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("latent_hw", [(12, 20), (30, 52)])
-def test_arbitrary_latent_sizes_run(tiny_model, latent_hw, stream_states):
+def test_arbitrary_latent_sizes_run(tiny_model, latent_hw):
     h, w = latent_hw
     states, outs = stream_states(tiny_model, 2, hw=(h * 8, w * 8))
     assert outs[0].shape == (1, 3, 16, h, w) and torch.isfinite(outs[1]).all()
 
 
-def test_sma_changes_memory_attention_only_once_bank_has_data(tiny_model, stream_states):
+def test_sma_changes_memory_attention_only_once_bank_has_data(tiny_model):
     _, off = stream_states(tiny_model, 3)
     _, on = stream_states(tiny_model, 3, StreamConfig(sma=True))
     assert torch.equal(off[0], on[0])  # sink only: top-3 of 3 frames is all of them
     assert not torch.equal(off[2], on[2])
 
 
-def test_bad_resolution_is_refused(tiny_model, tiny_prompt):
+def test_bad_resolution_is_refused(tiny_model):
     with pytest.raises(ValueError, match="height=100 is not divisible by 16"):
         init_state(tiny_model, StreamConfig(), tiny_prompt(0), height=100, width=64)
     with pytest.raises(ValueError, match="width"):
         init_state(tiny_model, StreamConfig(), tiny_prompt(0), height=64, width=0)
 
 
-def test_wrong_prompt_width_is_refused(tiny_model, tiny_prompt):
+def test_wrong_prompt_width_is_refused(tiny_model):
     with pytest.raises(ValueError, match="text_dim=32"):
         init_state(tiny_model, StreamConfig(), torch.zeros(1, 512, 4096), height=64, width=64)
     state = init_state(tiny_model, StreamConfig(), tiny_prompt(0), height=64, width=64)
@@ -285,14 +285,14 @@ def test_wrong_prompt_width_is_refused(tiny_model, tiny_prompt):
         set_prompt(tiny_model, state, torch.zeros(1, 512, 31))
 
 
-def test_state_from_another_model_is_refused(tiny_model, tiny_prompt, make_tiny_model):
+def test_state_from_another_model_is_refused(tiny_model):
     other = make_tiny_model(seed=1)
     state = init_state(tiny_model, StreamConfig(), tiny_prompt(0), height=64, width=64)
     with pytest.raises(ValueError, match="another model"):
         step(other, state)
 
 
-def test_bad_stream_config_and_noise_are_refused(tiny_model, tiny_prompt):
+def test_bad_stream_config_and_noise_are_refused(tiny_model):
     with pytest.raises(ValueError, match="local_attn_size"):
         StreamConfig(local_attn_size=5, sink_size=3)
     state = init_state(tiny_model, StreamConfig(), tiny_prompt(0), height=64, width=64)
