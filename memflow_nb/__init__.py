@@ -1,8 +1,9 @@
 """memflow_nb: a Jupyter-first toolkit for MemFlow streaming text-to-video.
 
 The public API is small; everything below is stable. Submodules (engine, fast, recording, plots,
-text_encoder, vae, io, hub, bench, planning, batch, metrics) hold the rest. Names are imported on first use, so `import
-memflow_nb` is quick and the engine needs nothing but torch.
+interventions, text_encoder, vae, vae_encoder, io, hub, bench, planning, batch, metrics) hold the
+rest. Names are imported on first use, so `import memflow_nb` is quick and the engine needs nothing
+but torch.
 """
 from importlib import import_module
 
@@ -20,6 +21,8 @@ _EXPORTS = {
     "vae": ["decode_chunk", "init_decode_state", "to_uint8"],
     "video": ["write_video", "read_video", "show_video"],
     "recording": ["record_attention", "bank_slots", "bank_history", "bank_thumbnails"],
+    "interventions": ["pin", "unpin", "evict", "replace_slot", "inject_image", "inject_latents", "ablate"],
+    "vae_encoder": ["load_vae_encoder"],
     "widgets": ["TimelineEditor"],
     "prompt_coach": ["coach", "apply_suggestion"],
     "prompt_extend": ["extend_prompt"],

@@ -100,7 +100,7 @@ def masked_reference_chunk(model, states, outs, c, stream):
             e = (cq + 1) * n
             keys = list(range(min(sink, e)))
             bank_state = states[cq + 1]  # bank after chunk cq's refresh
-            keys += bank_state.bank_frames[layer, 0].tolist()
+            keys += [f for f in bank_state.bank_frames[layer, 0].tolist() if f >= 0]  # no empty slots
             keys += list(range(max(sink, e - (local - sink)), e))
             for kf in keys:
                 cnt[qf, kf] += 1

@@ -103,6 +103,10 @@ class Bank:
         held = set(self.frames.unique().tolist())
         return tuple((o.code, o.label) for o in self.outside if o.code in held)
 
+    def pruned(self) -> "Bank":
+        """The bank without the clean latents of frames no longer in a slot or pending."""
+        return dataclasses.replace(self, records=_live_records(self.records, self.frames, self.pending_frame))
+
     def with_record(self, frame: int, kv: torch.Tensor, latent: torch.Tensor, n_records: int) -> "Bank":
         """The bank with frame `frame` (keys/values kv, clean latent [B, C, h, w]) as the pending record."""
         records = _live_records(self.records + ((frame, latent),), self.frames, frame)
