@@ -42,6 +42,7 @@ def pin(model, state: State, frame: int, *, layers: Optional[Sequence[int]] = No
     bank, sc = state.memory, state.stream
     rows = _layers(state, layers)
     _need_bank(state)
+    _check_frame(frame)
     held = [l for l in rows if frame in bank.frames[l].flatten().tolist()]
     if not held and frame != bank.pending_frame:
         raise ValueError(f"frame={frame} is neither in the bank of layers {_short(rows)} nor pending "
@@ -92,8 +93,7 @@ def replace_slot(model, state: State, slot: int, frame: int, *, layers: Optional
     rows = _layers(state, layers)
     _need_bank(state)
     _check_slot(state, slot, 1)
-    if isinstance(frame, bool) or not isinstance(frame, int):
-        raise TypeError(f"frame must be an int, got {type(frame).__name__}")
+    _check_frame(frame)
     _not_pinned(state, slot, rows)
     return _put(state, slot, _kv_of(model, state, frame, rows), frame, rows, "replace")
 
@@ -209,6 +209,14 @@ def _need_bank(state: State) -> None:
     if sc.bank_size == 0 or sc.sink_size == 0:
         raise ValueError(f"this stream has no memory bank to change (bank_size={sc.bank_size}, "
                          f"sink_size={sc.sink_size}; the official sink-less path never reads the bank)")
+
+
+def _check_frame(frame) -> None:
+    if isinstance(frame, bool) or not isinstance(frame, int):
+        raise TypeError(f"frame must be an int (a latent frame, or an outside picture's code), "
+                        f"got {type(frame).__name__}")
+    if frame == mem.EMPTY:
+        raise ValueError("frame=-1 marks an empty slot, not a frame")
 
 
 def _check_slot(state: State, slot, count: int) -> None:

@@ -123,7 +123,7 @@ def plot_retrieval_scores(events: Sequence[MemoryEvent], layer: Optional[int] = 
             ax.text(a, 1.0, label, transform=ax.get_xaxis_transform(), fontsize=7, va="top")
     for f in sorted(series):
         xs, ys = zip(*series[f])
-        ax.plot(xs, ys, marker="o", ms=3, lw=1, label=f"frame {f}")
+        ax.plot(xs, ys, marker="o", ms=3, lw=1, label=f"frame {_frame_name(f)}")
     for c in zeroed:
         ax.axvline(c, color="k", lw=0.6, ls=":")
         ax.plot([c], [0.0], "kx")

@@ -95,8 +95,8 @@ class WanVAEEncoder(nn.Module):
         self.config = config
         self.encoder = Encoder3d(config)
         self.conv1 = CausalConv3d(2 * config.z_dim, 2 * config.z_dim, 1)
-        stateful = [m for m in self.encoder.modules()
-                    if (isinstance(m, CausalConv3d) and m.past > 0) or (isinstance(m, Downsample) and m.time_conv is not None)]
+        stateful = [m for m in self.encoder.modules() if (isinstance(m, CausalConv3d) and m.past > 0)
+                    or (isinstance(m, Downsample) and m.time_conv is not None)]
         for slot, m in enumerate(stateful):
             m.slot = slot
         self.num_cache_slots = len(stateful)

@@ -96,12 +96,12 @@ class Workspace:
         """Per key frame (group, frame, slot): group sink / bank / local / current (see PassInfo)."""
         return self.key_labels
 
-    def layer_mask(self, layer: int, device) -> Optional[masks.LayerMask]:
+    def layer_mask(self, layer: int, dtype, device) -> Optional[masks.LayerMask]:
         """This layer's mask in attention form, or None when it attends to every key frame."""
         if self.blocked is None or not bool(self.blocked[layer].any()):
             return None
         if layer not in self._layer_masks:
-            self._layer_masks[layer] = masks.layer_mask(self.blocked[layer], self.T, device)
+            self._layer_masks[layer] = masks.layer_mask(self.blocked[layer], self.T, dtype, device)
         return self._layer_masks[layer]
 
     def use(self, buffer: torch.Tensor) -> None:
@@ -133,7 +133,7 @@ class Workspace:
 
 def attend_keys(ws: Workspace, layer: int, q, keys, values, backends, observers, info) -> torch.Tensor:
     """Attention of q over all key frames keys/values [B, n_frames * T, H, D] (masks and SMA applied here)."""
-    mask = ws.layer_mask(layer, keys.device)
+    mask = ws.layer_mask(layer, q.dtype, q.device)
     if ws.sma:
         blocked = ws.blocked[layer] if mask is not None else None  # [B, H, n_frames]
         g = ws.n_glob * ws.T
@@ -155,7 +155,7 @@ def attend_keys(ws: Workspace, layer: int, q, keys, values, backends, observers,
         return sdpa(q, keys, values, backends)
     if mask.keep is not None:  # frames no head sees: left out, as if the context lacked them
         keys, values = keys.index_select(1, mask.keep), values.index_select(1, mask.keep)
-    return sdpa(q, keys, values, backends, masks.bias(mask.blocked, ws.T, q.dtype, q.device))
+    return sdpa(q, keys, values, backends, mask.bias)
 
 
 class PassAttention(Attention):

@@ -32,11 +32,10 @@ class Ablation:
 @dataclass(frozen=True, eq=False)
 class LayerMask:
     """One layer's mask, ready for attention: keep (token indices of the key frames some head
-    still sees, or None for all), blocked [B, H, n_kept_frames] over the kept frames (or None)."""
+    still sees, or None for all) and the additive bias [B, H, 1, n_kept * T] for the rest (or None)."""
 
     keep: Optional[torch.Tensor]
-    kept_frames: tuple[int, ...]
-    blocked: Optional[torch.Tensor]
+    bias: Optional[torch.Tensor]
 
 
 def key_mask(state, labels: Sequence[tuple], chunk: int, num_heads: int) -> Optional[torch.Tensor]:
@@ -46,6 +45,8 @@ def key_mask(state, labels: Sequence[tuple], chunk: int, num_heads: int) -> Opti
     Bank slots emptied in some layers (frame -1) are masked there when the stream skips empty
     frames; the state's active ablations mask their group in their layers and heads.
     """
+    if state.stream.empty_frames != "skip" and not any(ab.active(chunk) for ab in state.ablations):
+        return None
     frames = state.bank_frames  # [L, B, n_slots]
     L, B = frames.shape[:2]
     blocked = torch.zeros(L, B, num_heads, len(labels), dtype=torch.bool)
@@ -62,17 +63,17 @@ def key_mask(state, labels: Sequence[tuple], chunk: int, num_heads: int) -> Opti
     return blocked if bool(blocked.any()) else None
 
 
-def layer_mask(blocked: torch.Tensor, tokens_per_frame: int, device) -> LayerMask:
+def layer_mask(blocked: torch.Tensor, tokens_per_frame: int, dtype, device) -> LayerMask:
     """The attention form of one layer's blocked [B, H, n] (see `LayerMask`)."""
     n = blocked.shape[-1]
     everywhere = blocked.flatten(0, 1).all(dim=0)  # [n]
-    kept = tuple(i for i in range(n) if not bool(everywhere[i]))
+    kept = [i for i in range(n) if not bool(everywhere[i])]
     keep = None
     if len(kept) < n:
         T = tokens_per_frame
         keep = torch.cat([torch.arange(i * T, (i + 1) * T) for i in kept]).to(device)
-    rest = blocked[..., list(kept)]
-    return LayerMask(keep, kept, rest if bool(rest.any()) else None)
+    rest = blocked[..., kept]
+    return LayerMask(keep, bias(rest if bool(rest.any()) else None, tokens_per_frame, dtype, device))
 
 
 def bias(blocked: Optional[torch.Tensor], tokens_per_frame: int, dtype, device) -> Optional[torch.Tensor]:

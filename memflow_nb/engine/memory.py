@@ -185,8 +185,8 @@ def nam_scores(text_k: torch.Tensor, slots: tuple[torch.Tensor, ...]) -> torch.T
     return torch.einsum("lbhd,lbnhd->lbn", qm, km) / (qm.shape[2] * math.sqrt(D))
 
 
-def compress(slots: tuple[torch.Tensor, ...], frames: torch.Tensor, scores: torch.Tensor,
-             keep: int, pinned: Optional[torch.Tensor] = None) -> tuple[tuple[torch.Tensor, ...], torch.Tensor, torch.Tensor]:
+def compress(slots: tuple[torch.Tensor, ...], frames: torch.Tensor, scores: torch.Tensor, keep: int,
+             pinned: Optional[torch.Tensor] = None) -> tuple[tuple[torch.Tensor, ...], torch.Tensor, torch.Tensor]:
     """Keep the `keep` best slots per layer and batch item, best first (official order); pinned
     slots first of all.
 
