@@ -71,7 +71,7 @@ EMPTY_FRAMES = ("zeros", "skip")
 class StreamConfig:
     """Streaming settings. Defaults equal the official MemFlow interactive inference config."""
 
-    chunk_frames: int = 3  # latent frames generated per step (num_frame_per_block)
+    chunk_frames: int = 3  # latent frames per step (num_frame_per_block); the official bank math assumes 3
     local_attn_size: int = 12  # attention window in latent frames, sink and current chunk included
     sink_size: int = 3  # first latent frames kept for the whole stream
     bank_size: int = 3  # memory-bank slots (latent frames) per layer; 0 disables memory

@@ -33,7 +33,8 @@ class State:
 
     Shapes: L layers, B batch, T tokens per latent frame, H heads, D head dim, C latent channels.
     The memory bank is one record, `memory`; `bank`, `bank_frames`, `bank_scores`, `pending`,
-    `pending_frame`, `n_records` and `records` read its fields.
+    `pending_frame`, `n_records` and `records` read its fields. `ablations` are attention masks
+    on the bank or the sink (memflow_nb.interventions.ablate).
     """
 
     model_id: str
