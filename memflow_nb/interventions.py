@@ -10,7 +10,7 @@ argument, and nothing is returned half-changed.
     replace_slot     put another past frame the state still has in a slot
     inject_latents   put a picture from outside the stream in a slot: its keys/values come from a
     inject_image     clean pass over its latents alone, at a position you choose; the image form
-                     encodes it first with the Wan VAE encoder (memflow_nb.vae_encoder)
+                     encodes it first with the Wan VAE encoder (memflow_nb.decode.encoder)
     ablate           mask the bank (or the sink) per layer and head for the next chunks
 
 Slots are per layer: `layers=None` means every layer. Outside pictures get negative frame codes
@@ -104,7 +104,7 @@ def inject_latents(model, state: State, latents: torch.Tensor, *, slot: int, pos
 
     Args:
         latents: normalised latents [C, h, w], [F, C, h, w] or [1 or B, F, C, h, w] at the stream's latent size
-            (what the generator makes, or `memflow_nb.vae_encoder.encode_video` of a picture).
+            (what the generator makes, or `memflow_nb.decode.encoder.encode_video` of a picture).
         slot: the first slot to fill; latent frame i goes to slot + i.
         position: the latent frame index the picture pretends to be at (its RoPE position, re-based
             like a stream frame's); frame i sits at position + i.
@@ -144,7 +144,7 @@ def inject_image(model, state: State, image, *, encoder, slot: int, position: in
         makes 1 + k memory frames (slots slot, slot + 1, ...).
     encoder: `memflow_nb.load_vae_encoder(pipe)`. The rest as for `inject_latents`.
     """
-    from .vae_encoder import encode_video
+    from .decode.encoder import encode_video
 
     check_state(model, state)
     pixels = _pixels(state, image)

@@ -121,6 +121,71 @@ def no_network(monkeypatch):
     monkeypatch.setattr("huggingface_hub.hf_hub_download", refuse)
 
 
+# -- comparing states, and the dense oracle of a cached stream ---------------------------------------
+
+def same(a, b):
+    """Bitwise equality that treats NaN (unscored bank slots) as equal to NaN."""
+    return a.shape == b.shape and bool(((a == b) | (a.isnan() & b.isnan()) if a.is_floating_point() else (a == b)).all())
+
+
+def tensors_of(state):
+    """Every tensor a State holds (to check that nothing wrote into it)."""
+    ts = [state.prompt_embeds, state.text_kv, state.history, state.bank_frames, state.bank_scores]
+    ts += [t for _, t in state.cache] + list(state.bank) + ([state.pending] if state.pending is not None else [])
+    return ts
+
+
+def masked_reference_chunk(model, states, outs, c, stream):
+    """Chunk c recomputed without any cache: one pass over [clean frames 0..s-1 | noisy chunk c],
+    each query frame attending (by an additive log-multiplicity mask) to exactly the frames it saw
+    when it was generated: sink, the bank as it was then (per layer), and its local window."""
+    n, sink, local = stream.chunk_frames, stream.sink_size, stream.local_attn_size
+    s = c * n
+    T = states[0].tokens_per_frame
+    L = model.cfg.num_layers
+    nf = s + n
+
+    def counts_for(layer):
+        cnt = torch.zeros(nf, nf)
+        for qf in range(nf):
+            cq = qf // n
+            e = (cq + 1) * n
+            keys = list(range(min(sink, e)))
+            bank_state = states[cq + 1]  # bank after chunk cq's refresh
+            keys += [f for f in bank_state.bank_frames[layer, 0].tolist() if f >= 0]  # no empty slots
+            keys += list(range(max(sink, e - (local - sink)), e))
+            for kf in keys:
+                cnt[qf, kf] += 1
+        return cnt
+
+    biases = []
+    for layer in range(L):
+        cnt = counts_for(layer).repeat_interleave(T, 0).repeat_interleave(T, 1)
+        biases.append(torch.where(cnt > 0, cnt.log(), torch.tensor(float("-inf"))))
+
+    def attend(layer, q, k, v, need_output):
+        return torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=biases[layer]).transpose(1, 2)
+
+    from memflow_nb.engine.noise import chunk_noise
+    from memflow_nb.engine.schedule import add_noise, denoising_schedule, flow_to_x0
+
+    steps = denoising_schedule(stream)
+    shape = outs[c].shape
+    drawn = chunk_noise(states[0].seed, c, shape, len(steps))
+    clean = torch.cat(outs[:c], dim=1) if c else outs[0][:, :0]
+    x = drawn[0]
+    text_kv = states[c + 1].text_kv
+    for i, st in enumerate(steps):
+        seq = torch.cat([clean, x], dim=1)
+        t = torch.cat([torch.full((1, s), float(stream.context_noise)), torch.full((1, n), st.timestep)], dim=1)
+        flow = model(seq, t, text_kv, 0, attend)[:, s:]
+        x0 = flow_to_x0(x, flow, st.sigma)
+        if i + 1 < len(steps):
+            x = add_noise(x0, drawn[i + 1], steps[i + 1].sigma)
+    return x0
+
+
 # -- files with the real names and layout, tiny shapes -----------------------------------------------
 
 def tiny_dit_weights(seed=3) -> dict:

@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_tiny_model, stream_states, tiny_prompt
-from test_engine import masked_reference_chunk, same, tensors_of
+from conftest import make_tiny_model, masked_reference_chunk, same, stream_states, tensors_of, tiny_prompt
 from memflow_nb import interventions as iv
 from memflow_nb.engine.config import StreamConfig
 from memflow_nb.engine.context import Workspace
@@ -211,12 +210,12 @@ def test_an_injected_picture_competes_in_nam_and_shows_in_the_plots(model, run10
     assert ("bank", -2, 0) in labels
 
 
-def test_inject_image_encodes_with_the_vae_encoder(model, run10):
+def test_inject_image_encodes_with_the_vae_encoder(model, run10, pipe):
     import memflow_nb as mf
-    from memflow_nb.vae_encoder import encode_video
+    from memflow_nb.decode.encoder import encode_video
 
     states, _ = run10
-    encoder = mf.load_vae_encoder(mf.load("tiny"))
+    encoder = mf.load_vae_encoder(pipe)
     image = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
     via_image = iv.inject_image(model, states[10], image, encoder=encoder, slot=2, position=3)
     pixels = torch.from_numpy(image).float().div(127.5).sub(1).permute(2, 0, 1)[None, None]

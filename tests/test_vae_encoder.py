@@ -11,10 +11,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from memflow_nb.testing import recipe_weights
-from memflow_nb.vae import VAEConfig, decode_video, load_vae_decoder
-from memflow_nb.vae_encoder import (VAEEncodeState, WanVAEEncoder, encode_chunk, encode_video, init_encode_state,
-                                    latent_frames, load_vae_encoder)
+from memflow_nb.decode import VAEConfig, WanVAEDecoder, decode_video
+from memflow_nb.decode.encoder import (VAEEncodeState, WanVAEEncoder, encode_chunk, encode_video, init_encode_state,
+                                       latent_frames, load_vae_encoder)
+from memflow_nb.weights import KeyMismatch, recipe_weights
+from memflow_nb.weights.decoders import load_vae_decoder
 
 DATA = Path(__file__).parent / "data"
 SMALL = VAEConfig(dim=8)
@@ -81,8 +82,6 @@ def test_round_trip_shapes_with_the_decoder():
     encoder = load_vae_encoder(recipe_weights(enc_shapes, 1), config=SMALL)
     pixels = torch.zeros(1, 5, 3, 16, 16)
     latents = encode_video(encoder, pixels)
-    from memflow_nb.vae import WanVAEDecoder
-
     with torch.device("meta"):
         dec_shapes = {k: tuple(v.shape) for k, v in WanVAEDecoder(SMALL).state_dict().items()}
     decoder, _ = load_vae_decoder(recipe_weights(dec_shapes, 2), SMALL)
@@ -108,12 +107,8 @@ def test_bad_pixels_are_refused(small):
 
 
 def test_loading_from_the_vae_file_and_refusing_a_decoder_only_one(tmp_path, small):
-    from memflow_nb.io import KeyMismatch
-
     encoder, pixels, whole = small
     with torch.device("meta"):
-        from memflow_nb.vae import WanVAEDecoder
-
         dec_shapes = {k: tuple(v.shape) for k, v in WanVAEDecoder(SMALL).state_dict().items()}
     full = {**recipe_weights(dec_shapes, 3), **encoder.state_dict()}
     path = tmp_path / "Wan2.1_VAE.pth"
@@ -126,10 +121,10 @@ def test_loading_from_the_vae_file_and_refusing_a_decoder_only_one(tmp_path, sma
         load_vae_encoder(decoder_only, config=SMALL)
 
 
-def test_the_tiny_pipeline_has_a_random_encoder_of_its_vae_width():
+def test_the_tiny_pipeline_has_a_random_encoder_of_the_tiny_vae_width(pipe):
     import memflow_nb as mf
+    from memflow_nb.pipeline import TINY_VAE
 
-    pipe = mf.load("tiny")
-    encoder = mf.load_vae_encoder(pipe)
-    assert encoder.config == pipe.vae.config and not any(p.requires_grad for p in encoder.parameters())
+    encoder = mf.load_vae_encoder(pipe)  # the tiny pipeline decodes with a TAE; the encoder is the Wan VAE's
+    assert encoder.config == TINY_VAE and not any(p.requires_grad for p in encoder.parameters())
     assert encode_video(encoder, torch.zeros(1, 1, 3, 32, 48)).shape == (1, 1, 16, 4, 6)

@@ -25,8 +25,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .vae import (ENCODER_PREFIXES, AttentionBlock, CausalConv3d, ResidualBlock, RMSNorm, VAEConfig, _norm_silu,
-                  _Pass, build_loaded)
+from .vae import AttentionBlock, CausalConv3d, ResidualBlock, RMSNorm, VAEConfig, _norm_silu, _Pass
+
+# The keys of `Wan2.1_VAE.pth` only the encoder uses (the decoder's loader skips them).
+ENCODER_PREFIXES = ("encoder.", "conv1.")
 
 
 class Downsample(nn.Module):
@@ -194,34 +196,32 @@ def load_vae_encoder(source, *, config: Optional[VAEConfig] = None, device=None,
 
     source: the path of `Wan2.1_VAE.pth` (its 86 encoder tensors are read), a VAE state dict, or a
         pipeline (`memflow_nb.load(...)`): for MemFlow its `Wan2.1_VAE.pth` (found like `load` finds
-        it; `local_dir` as there), for "tiny" random recipe weights (`seed`) at the tiny VAE's width.
+        it; `local_dir` as there), for "tiny" random recipe weights (`seed`) at the tiny Wan VAE's
+        width (`memflow_nb.pipeline.TINY_VAE`; the tiny pipeline itself decodes with a TAE).
     config: defaults to VAEConfig() with `dim` read off `encoder.conv1.weight`.
     device / dtype: default to the pipeline's, else the CPU in float32.
     Raises (naming the file) on missing, unexpected or mis-shaped encoder keys.
     """
+    from ..weights import build_assigned, check_state_dict, fetch_weights, meta_shapes, random_module, read_checkpoint
+    from ..weights.files import tensors_only
+
     if hasattr(source, "vae") and hasattr(source, "model"):  # a Pipeline
         device = source.device if device is None else device
         dtype = source.dtype if dtype is None else dtype
         if getattr(source, "random_weights", False):
-            from .testing import recipe_weights
+            from ..pipeline import TINY_VAE
 
-            cfg = config or source.vae.config
-            with torch.device("meta"):
-                shapes = {k: tuple(v.shape) for k, v in WanVAEEncoder(cfg).state_dict().items()}
-            return build_loaded(WanVAEEncoder, cfg, recipe_weights(shapes, seed), device, dtype)
-        from .hub import fetch_weights
-
+            cfg = config or TINY_VAE
+            return random_module(lambda: WanVAEEncoder(cfg), seed, device=device, dtype=dtype)
         source = fetch_weights(local_dir).vae
     device = "cpu" if device is None else device
     dtype = torch.float32 if dtype is None else dtype
-    from .io import _meta_shapes, _tensors_only, check_state_dict, read_checkpoint
-
     name = "state dict" if isinstance(source, Mapping) else str(source)
-    sd = source if isinstance(source, Mapping) else _tensors_only(read_checkpoint(source), source, "VAE file")
+    sd = source if isinstance(source, Mapping) else tensors_only(read_checkpoint(source), source, "VAE file")
     enc = encoder_state_dict(sd)
     if config is None:
         conv = enc.get("encoder.conv1.weight")
         config = VAEConfig(dim=conv.shape[0]) if conv is not None else VAEConfig()
-    check_state_dict(_meta_shapes(lambda: WanVAEEncoder(config)), enc, source=name,
+    check_state_dict(meta_shapes(lambda: WanVAEEncoder(config)), enc, source=name,
                      what=f"VAE encoder (dim {config.dim}; a decoder-only file has none: use the full Wan2.1_VAE.pth)")
-    return build_loaded(WanVAEEncoder, config, enc, device, dtype)
+    return build_assigned(lambda: WanVAEEncoder(config), enc, device=device, dtype=dtype)
