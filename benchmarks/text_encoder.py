@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from memflow_nb.hub import tiny_tokenizer
+from memflow_nb.pipeline import tiny_tokenizer
 from memflow_nb.live_bytes import LiveTensorBytes
 from memflow_nb.text_encoder import T5Config, UMT5Encoder
-from memflow_nb.text_loading import load_prompt_encoder, read_text_encoder_file
+from memflow_nb.weights.text import load_text_encoder, read_text_encoder_file
 
 LINEARS = ("attn.q", "attn.k", "attn.v", "attn.o", "ffn.gate.0", "ffn.fc1", "ffn.fc2")
 PROMPTS = [("a red fox trots through fresh snow in a pine forest at dawn, soft light, slow tracking shot. " * 4)[:n]
@@ -62,7 +62,7 @@ def run(path: Path, folder: Path, mode: str, device: str, dtype: torch.dtype, me
         live.__enter__()
     try:
         t0 = time.perf_counter()
-        text = load_prompt_encoder(path, folder, mode, device=device, dtype=dtype)
+        text = load_text_encoder(path, folder, mode, device=device, dtype=dtype)
         t1 = time.perf_counter()
         emb = text.encode_all(PROMPTS)
         if cuda:

@@ -1,9 +1,9 @@
 """memflow_nb: a Jupyter-first toolkit for MemFlow streaming text-to-video.
 
 The public API is small; everything below is stable. Submodules and sub-packages (engine, fast,
-recording, pipeline, weights, decode, timeline, notebook, text_encoder, planning, batch, bench) hold
-the rest. Names are imported on first use, so `import memflow_nb` is quick and the engine needs
-nothing but torch.
+recording, interventions, pipeline, weights, decode, timeline, notebook, text_encoder, planning,
+batch, bench) hold the rest. Names are imported on first use, so `import memflow_nb` is quick and
+the engine needs nothing but torch.
 """
 from importlib import import_module
 
@@ -23,6 +23,8 @@ _EXPORTS = {
     "decode": ["decode_chunk", "init_decode_state", "to_uint8"],
     "video": ["write_video", "read_video", "show_video"],
     "recording": ["record_attention", "bank_slots", "bank_history", "bank_thumbnails"],
+    "interventions": ["pin", "unpin", "evict", "replace_slot", "inject_image", "inject_latents", "ablate"],
+    "decode.encoder": ["load_vae_encoder"],
     "notebook.editor": ["TimelineEditor"],
     "prompt_coach": ["coach", "apply_suggestion"],
     "prompt_extend": ["extend_prompt"],

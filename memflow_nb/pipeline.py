@@ -40,7 +40,7 @@ __all__ = ["Pipeline", "load", "tiny_tokenizer"]
 class Pipeline:
     """Everything a stream needs: the DiT, the prompt encoder, the VAE decoder and the settings.
 
-    model: CausalWanModel (`memflow_nb.stream.init_state` / `step` take it).
+    model: CausalWanModel (`memflow_nb.engine.steps.init_state` / `step` take it).
     text: PromptEncoder; `text(["a prompt"])` -> [B, 512, text_dim] on `device`.
     vae: a `memflow_nb.decode.Decoder`: the Wan VAE (or a TAE) for `decode_chunk`.
     The "tiny" pipeline has random weights: it exercises every code path but makes noise, not pictures.

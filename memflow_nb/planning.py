@@ -179,8 +179,15 @@ def _text_dtypes(job: _Job, placement: str) -> tuple[torch.dtype, ...]:
     is emulated) and, if that does not fit, bf16 (half of umT5-XXL's 22.7 GB)."""
     if job.text_dtype is None or job.text_dtype == "auto":
         return (job.dtype,) if placement != "cpu" else (torch.float32, torch.bfloat16)
-    return (resolve_dtype(job.text_dtype, "cuda" if placement != "cpu" else "cpu", job.hardware.capability,
-                          name="text_encoder_dtype"),)
+    runs_on = "cuda" if placement != "cpu" and job.device == "cuda" else "cpu"
+    return (resolve_dtype(job.text_dtype, runs_on, job.hardware.capability, name="text_encoder_dtype"),)
+
+
+def _text_choices(job: _Job, placements) -> list[tuple[str, torch.dtype]]:
+    """(placement, dtype) pairs in the order tried, float32 ones first: on a CPU one block at a time
+    in float32 beats a whole copy in emulated bf16 (USERS.md)."""
+    pairs = [(t, d) for t in placements for d in _text_dtypes(job, t)]
+    return sorted(pairs, key=lambda pair: pair[1] != torch.float32)
 
 
 def _components(job: _Job, k: _Knobs) -> tuple[list[Component], int, int]:
@@ -194,7 +201,11 @@ def _components(job: _Job, k: _Knobs) -> tuple[list[Component], int, int]:
                       "always", "LoRA merged" if job.name == "memflow" else "")]
     weights = fp.text_encoder_params(t5) * te
     encode = fp.text_encode_bytes(t5, b, cfg.text_len, te)
-    if k.text_encoder_device == "streamed":
+    if k.text_encoder_device == "streamed" and job.device != "cuda":
+        block = fp.text_block_bytes(t5, te)
+        rows.append(Component("text encoder (streamed)", "host", tname, block + encode, "encode",
+                              f"1 of {t5.num_layers} blocks at a time from the file, of {weights / GB:.1f} GB"))
+    elif k.text_encoder_device == "streamed":
         block = fp.text_block_bytes(t5, te)
         rows += [Component("text encoder (streamed)", "gpu", tname, STREAMED_BLOCKS * block + encode, "encode",
                            f"{STREAMED_BLOCKS} of {t5.num_layers} blocks at a time, of {weights / GB:.1f} GB"),
@@ -287,13 +298,12 @@ def _choose(job: _Job, options: dict) -> Plan:
     """The first plan that fits, trying the knobs left on "auto" from least to most change (text
     encoder streamed, then per-frame VAE decode, then fp8 weights); else the one least over."""
     best = None
-    for fp8, per_frame, text in itertools.product(options["fp8_dit"], options["vae_per_frame"],
-                                                  options["text_encoder_device"]):
-        for text_dtype in _text_dtypes(job, text):
-            p = _build(job, _Knobs(fp8, per_frame, text, text_dtype, options["checkpoints_gb"]))
-            if p.fits:
-                return p
-            best = p if best is None or _overage(p) < _overage(best) else best
+    texts = _text_choices(job, options["text_encoder_device"])
+    for fp8, per_frame, (text, text_dtype) in itertools.product(options["fp8_dit"], options["vae_per_frame"], texts):
+        p = _build(job, _Knobs(fp8, per_frame, text, text_dtype, options["checkpoints_gb"]))
+        if p.fits:
+            return p
+        best = p if best is None or _overage(p) < _overage(best) else best
     return best
 
 
@@ -307,14 +317,14 @@ def _options(job: _Job, fp8_dit, vae_per_frame, text_encoder_device, checkpoints
     text = {"cuda": "gpu"}.get(text_encoder_device, text_encoder_device)
     if text not in ("auto", "gpu", "streamed", "cpu"):
         raise ValueError(f"text_encoder_device={text_encoder_device!r}; use 'auto', 'gpu', 'streamed' or 'cpu'")
-    if text in ("gpu", "streamed") and not cuda:
-        raise ValueError(f"text_encoder_device={text_encoder_device!r} needs a GPU; this plan has none (use 'cpu')")
+    if text == "gpu" and not cuda:
+        raise ValueError(f"text_encoder_device={text_encoder_device!r} needs a GPU; this plan has none (use 'cpu' or 'streamed')")
     if not (checkpoints_gb == "auto" or (isinstance(checkpoints_gb, (int, float)) and checkpoints_gb >= 0)):
         raise ValueError(f"checkpoints_gb={checkpoints_gb!r}; use 'auto' or a number of GB >= 0")
     auto = lambda v, choices: choices if v == "auto" else (bool(v),)  # noqa: E731
     return {"fp8_dit": auto(fp8_dit, (False, True) if fp8_ok else (False,)),
             "vae_per_frame": auto(vae_per_frame, (False, True)),
-            "text_encoder_device": (("gpu", "streamed") if cuda else ("cpu",)) if text == "auto" else (text,),
+            "text_encoder_device": (("gpu", "streamed") if cuda else ("cpu", "streamed")) if text == "auto" else (text,),
             "checkpoints_gb": checkpoints_gb}
 
 
@@ -329,7 +339,7 @@ def _fixes(job: _Job, options: dict, p: Plan) -> tuple[str, ...]:
     if cuda and not p.fp8_dit and not fp8_ok:
         out.append(f"fp8 DiT weights: not on this GPU (fp8 needs compute capability "
                    f"{FP8_CAPABILITY[0]}.{FP8_CAPABILITY[1]}+)")
-    tries = [("text_encoder_device", ("streamed",), cuda), ("vae_per_frame", (True,), True),
+    tries = [("text_encoder_device", ("streamed",), True), ("vae_per_frame", (True,), True),
              ("fp8_dit", (True,), fp8_ok), ("checkpoints_gb", 0, options["checkpoints_gb"] != "auto")]
     for key, value, possible in tries:
         if possible and getattr(p, key, None) not in (value if isinstance(value, tuple) else (value,)):
@@ -367,9 +377,10 @@ def plan(name: str = "memflow", *, height: Optional[int] = None, width: Optional
     MemFlow (64x112 for tiny). dtype "auto": bf16 on capability >= 8.0, fp16 below, fp32 on the CPU.
     Knobs ("auto" tries the options until the plan fits): fp8_dit (DiT linears in fp8, capability
     8.9+; default off: it changes the numbers), vae_per_frame, text_encoder_device ("gpu" resident,
-    "streamed" block by block, "cpu"), checkpoints_gb (host memory for resume checkpoints; "auto":
-    half of what is left). seconds: count the frames `generate_video` keeps for a video this long.
-    prompt_switches=False: a single-prompt stream, which never runs the KV re-cache of a switch.
+    "streamed" block by block from the file, on the GPU or the CPU, "cpu"), checkpoints_gb (host
+    memory for resume checkpoints; "auto": half of what is left). seconds: count the frames
+    `generate_video` keeps for a video this long. prompt_switches=False: a single-prompt stream,
+    which never runs the KV re-cache of a switch.
     configs: (ModelConfig, T5Config, VAEConfig) read off the files being loaded, instead of the
     named pipeline's (what `load` passes, so a plan always matches the weights it places).
     Returns a frozen Plan; `.check()` raises PlanError when it does not fit.

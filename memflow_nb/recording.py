@@ -24,6 +24,7 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 import torch
 
+from .engine.masks import bias as key_bias
 from .engine.memory import MemoryEvent
 from .engine.observers import ObserverBindings, PassInfo
 
@@ -137,7 +138,12 @@ class AttentionRecording:
             if g == "bank":
                 labels[i] = (g, int(bank_frames[layer, 0, slot]), slot)
         n_keys = len(labels)
-        pooled = self._pooled(q, k, T, k.shape[2] // T)  # [B, H, nq, n_kcols]
+        blocked = None if info.blocked is None else info.blocked[layer]  # [B, H, n_keys]: masked frames
+        if blocked is not None and sma_frames is not None:  # in the columns as attended
+            n_glob = sum(1 for g, _, _ in labels if g in ("sink", "bank"))
+            glob = torch.gather(blocked[..., :n_glob], -1, sma_frames.cpu())
+            blocked = torch.cat([glob, blocked[..., n_glob:]], dim=-1)
+        pooled = self._pooled(q, k, T, k.shape[2] // T, blocked=blocked)  # [B, H, nq, n_kcols]
         if sma_frames is not None:
             # Each head saw only its selected global frames; scatter them back to the full key axis.
             n_glob = sum(1 for g, _, _ in labels if g in ("sink", "bank"))
@@ -166,10 +172,12 @@ class AttentionRecording:
     def memory_event(self, event: MemoryEvent) -> None:
         self.memory_events.append(event)
 
-    def _pooled(self, q, k, T: int, n_cols: int, key_group: Optional[int] = None) -> torch.Tensor:
+    def _pooled(self, q, k, T: int, n_cols: int, key_group: Optional[int] = None,
+                blocked: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Softmax(q k^T / sqrt(D)) pooled to [B, H, nq_frames, n_cols], in query blocks.
 
-        Keys are grouped in runs of `key_group` tokens (default T: one column per latent frame).
+        Keys are grouped in runs of `key_group` tokens (default T: one column per latent frame);
+        key frames blocked [B, H, n_cols] get no attention (the engine's masks).
         """
         B, Lq, H, D = q.shape
         Lk = k.shape[2]
@@ -183,10 +191,11 @@ class AttentionRecording:
         rows = min(Lq, self.block_bytes // per_query)
         self.peak_block_bytes = max(self.peak_block_bytes, rows * per_query)
         kf = k.float()
+        bias = 0.0 if blocked is None else key_bias(blocked, key_group, torch.float32, q.device)
         out = torch.zeros(B, H, Lq // T, n_cols, device=q.device)
         for a in range(0, Lq, rows):
             qb = q[:, a:a + rows].float().transpose(1, 2)  # [B, H, r, D]
-            p = torch.softmax(qb @ kf.transpose(-1, -2) * scale, dim=-1)  # [B, H, r, Lk]
+            p = torch.softmax(qb @ kf.transpose(-1, -2) * scale + bias, dim=-1)  # [B, H, r, Lk]
             p = p.view(B, H, p.shape[2], n_cols, key_group).sum(-1)  # [B, H, r, n_cols]
             frame = torch.arange(a, a + p.shape[2], device=q.device) // T
             out.index_add_(2, frame, p)
@@ -238,24 +247,33 @@ class BankStay:
     """One stay of a source frame in one layer's bank."""
 
     layer: int
-    frame: int
-    entered: int  # chunk whose refresh put it in
-    left: Optional[int]  # chunk whose refresh dropped it (None: still there)
+    frame: int  # latent frame; <= -2 for an outside picture (see `outside`)
+    entered: int  # chunk whose refresh (or intervention) put it in
+    left: Optional[int]  # chunk whose refresh (or intervention) dropped it (None: still there)
     scores: tuple[tuple[int, float], ...]  # (chunk, NAM score) at every compression it took part in
+    outside: Optional[str] = None  # the label of an outside picture (memflow_nb.interventions.inject_image)
 
 
 def bank_slots(state) -> list[dict]:
-    """The bank now: one row per layer and slot {layer, slot, frame, score} (batch item 0)."""
+    """The bank now: one row per layer and slot {layer, slot, frame, score, pinned, outside}
+    (batch item 0). frame -1 is an empty slot; an outside picture has frame <= -2 and its label in
+    `outside` (None for stream frames); `pinned`: NAM never drops it (memflow_nb.interventions.pin)."""
     frames, scores = state.bank_frames, state.bank_scores
-    return [{"layer": l, "slot": j, "frame": int(frames[l, 0, j]), "score": float(scores[l, 0, j])}
+    labels = {o.code: o.label for o in state.memory.outside}
+    pinned = state.memory.pinned()
+    return [{"layer": l, "slot": j, "frame": int(frames[l, 0, j]), "score": float(scores[l, 0, j]),
+             "pinned": bool(pinned[l, 0, j]), "outside": labels.get(int(frames[l, 0, j]))}
             for l in range(frames.shape[0]) for j in range(frames.shape[2])]
 
 
 def bank_history(events: Sequence[MemoryEvent], batch: int = 0) -> list[BankStay]:
-    """Stays of frames in each layer's bank, from a memory log (`state.memory_log`)."""
+    """Stays of frames in each layer's bank, from a memory log (`state.memory_log`); outside
+    pictures carry their label. Empty slots (frame -1) are not stays."""
     stays: dict[tuple[int, int], dict] = {}
     done: list[BankStay] = []
+    labels: dict[int, str] = {}
     for ev in events:
+        labels.update(ev.outside)
         L = ev.frames_after.shape[0]
         for l in range(L):
             before = ev.frames_before[l, batch].tolist()
@@ -268,8 +286,8 @@ def bank_history(events: Sequence[MemoryEvent], batch: int = 0) -> list[BankStay
                 stays[(l, f)] = {"entered": ev.chunk, "scores": []}
             for key in [k for k in stays if k[0] == l and k[1] not in after]:
                 s = stays.pop(key)
-                done.append(BankStay(l, key[1], s["entered"], ev.chunk, tuple(s["scores"])))
-    done += [BankStay(l, f, s["entered"], None, tuple(s["scores"])) for (l, f), s in stays.items()]
+                done.append(BankStay(l, key[1], s["entered"], ev.chunk, tuple(s["scores"]), labels.get(key[1])))
+    done += [BankStay(l, f, s["entered"], None, tuple(s["scores"]), labels.get(f)) for (l, f), s in stays.items()]
     return sorted(done, key=lambda s: (s.layer, s.entered, s.frame))
 
 

@@ -33,11 +33,20 @@ def load_golden(path) -> tuple[dict, dict[str, torch.Tensor]]:
 
 
 def golden_stream_config(meta: dict):
-    """StreamConfig from a DiT golden's meta['stream'] and step list (official key names)."""
+    """StreamConfig from a DiT golden's meta['stream'] and step list (official key names).
+
+    meta['stream']['pipeline'] names the official pipeline: "interactive" (the default) or
+    "single", whose bank replaces its pending record every chunk (`bank_record_every_chunk`).
+    """
     from .engine.config import StreamConfig
 
     s = meta["stream"]
+    pipeline = s.get("pipeline", "interactive")
+    if pipeline not in ("interactive", "single"):
+        raise ValueError(f"golden meta.stream.pipeline={pipeline!r}: expected 'interactive' "
+                         "(interactive_inference.py) or 'single' (inference.py)")
     return StreamConfig(
+        bank_record_every_chunk=pipeline == "single",
         chunk_frames=s.get("num_frame_per_block", 3), local_attn_size=s["local_attn_size"],
         sink_size=s["sink_size"], bank_size=s["bank_size"], record_interval=s["record_interval"],
         global_sink=s.get("global_sink", True), context_noise=s.get("context_noise", 0),

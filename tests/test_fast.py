@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from conftest import stream_states, tiny_prompt
+from conftest import make_tiny_vae, stream_states, tiny_prompt
 from memflow_nb.engine.steps import set_prompt, step
 from memflow_nb.fast import FastModel, optimize, optimize_model, settings
 from memflow_nb.fast.vae import CompiledVAE
@@ -52,10 +52,12 @@ def test_speed_settings_apply_and_undo(torch_settings):
     assert settings.read() == torch_settings
 
 
-def test_optimize_returns_a_new_pipeline(torch_settings):
-    from memflow_nb.pipeline import load
+def test_optimize_returns_a_new_pipeline(pipe, torch_settings):
+    import dataclasses
 
-    pipe = load("tiny", dtype=torch.float32)
+    tiny_tae = pipe.vae
+    assert optimize(pipe, "exact", graphs=False).vae is tiny_tae  # a TAE is not compiled
+    pipe = dataclasses.replace(pipe, vae=make_tiny_vae())  # the tiny pipeline with a Wan VAE
     model, vae, stream = pipe.model, pipe.vae, pipe.stream
     quick = optimize(pipe, "exact", graphs=False)
     assert (pipe.model, pipe.vae, pipe.stream) == (model, vae, stream)  # the same objects, untouched

@@ -15,7 +15,7 @@ import memflow_nb as mf
 
 ROOT = Path(__file__).parent.parent
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
-NAMES = ["01_quickstart", "02_prompt_timeline", "03_memory_bank", "05_studies"]
+NAMES = ["01_quickstart", "02_prompt_timeline", "03_memory_bank", "04_memory_experiments", "05_studies"]
 COLAB = "https://colab.research.google.com/github/memflow-nb/memflow_nb/blob/main/notebooks/"
 
 
@@ -133,6 +133,17 @@ def test_03_memory_bank_runs(tmp_path, monkeypatch):
     assert len(figures) >= 5  # bank timeline, thumbnails, attention mass, attention groups, scores, diffs
     html = "".join(outputs_of(nb, "text/html"))
     assert html.count("<video") >= 3  # memory on / off / SMA side by side
+
+
+@pytest.mark.slow
+def test_04_memory_experiments_runs(tmp_path, monkeypatch):
+    nb = run_notebook(ROOT / "notebooks" / "04_memory_experiments.ipynb", tmp_path, monkeypatch)
+    printed = "".join(outputs_of(nb, "stream"))
+    assert "11 chunks at 32x48; segments start at chunks [0, 4, 7]" in printed  # FAST
+    assert "frame 0 is held by 2 of 2 layers" in printed
+    # thumbnail, reference, 4 bank timelines, attention + difference, empty choice, ablation
+    assert len(outputs_of(nb, "image/png")) >= 9
+    assert "".join(outputs_of(nb, "text/html")).count("<video") >= 8  # four ways + the empty-frame choice
 
 
 @pytest.mark.slow

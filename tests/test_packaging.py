@@ -9,12 +9,18 @@ from pathlib import Path
 
 ROOT = Path(__file__).parent.parent
 PACKAGE = ROOT / "memflow_nb"
-# Modules whose imports are the `notebook` extra's business (the editor and the plots).
-NOTEBOOK_MODULES = re.compile(r"^(widgets|plots|notebook/.+)\.py$")
+# Modules whose imports are an extra's business, by extra.
+EXTRA_MODULES = {
+    "notebook": re.compile(r"^(widgets|plots|notebook/.+)\.py$"),  # the editor and the plots
+    "prompt": re.compile(r"^prompt_extend\.py$"),  # a small local language model
+    "study": re.compile(r"^study_\w+\.py$"),  # the Parquet results table
+    "eval": re.compile(r"^eval_models\.py$"),  # CLIP / DINOv2 metrics
+}
 # Import name -> distribution name, where they differ (pydantic-core comes with pydantic, pinned by it).
 DISTRIBUTION = {"PIL": "pillow", "pydantic_core": "pydantic"}
-# In an extra for its program, not for an import: `jupyter lab notebooks/`.
-TOOLS = {"jupyterlab"}
+# In an extra for its program or for the notebooks, not for an import of the package:
+# `jupyter lab notebooks/`; pandas reads the study table back in notebooks/05_studies.ipynb.
+TOOLS = {"jupyterlab", "pandas"}
 
 
 def _norm(req: str) -> str:
@@ -37,16 +43,23 @@ def _third_party_imports(path: Path) -> set[str]:
 
 
 def test_dependencies_match_imports():
-    core, notebook = set(), set()
+    core, by_extra = set(), {name: set() for name in EXTRA_MODULES}
     for path in sorted(PACKAGE.rglob("*.py")):
         rel = path.relative_to(PACKAGE).as_posix()
-        (notebook if NOTEBOOK_MODULES.match(rel) else core).update(_third_party_imports(path))
+        owners = [name for name, pattern in EXTRA_MODULES.items() if pattern.match(rel)]
+        assert len(owners) <= 1, f"{rel} belongs to several extras: {owners}"
+        (by_extra[owners[0]] if owners else core).update(_third_party_imports(path))
     py = _pyproject()
     declared = {_norm(r) for r in py["dependencies"]}
-    extra = {_norm(r) for r in py["optional-dependencies"]["notebook"]}
     assert core == declared, f"imported, undeclared: {core - declared}; declared, unused: {declared - core}"
-    assert notebook - core == extra - TOOLS, (f"notebook modules import, undeclared: {notebook - core - extra}; "
-                                              f"in the extra, unused: {extra - TOOLS - notebook}")
+    extras = py["optional-dependencies"]
+    assert set(extras) == set(EXTRA_MODULES) | {"dev"}, set(extras)
+    for name, imported in by_extra.items():
+        extra = {_norm(r) for r in extras[name]}
+        assert imported - core == extra - TOOLS, (f"{name} modules import, undeclared: {imported - core - extra}; "
+                                                  f"in the {name} extra, unused: {extra - TOOLS - imported}")
+    dev_extras = {m.group(1) for r in extras["dev"] if (m := re.fullmatch(r"memflow_nb\[([\w,]+)\]", r))}
+    assert {e for group in dev_extras for e in group.split(",")} == set(EXTRA_MODULES), extras["dev"]
 
 
 def test_environment_installs_the_project_instead_of_repeating_its_dependencies():

@@ -207,6 +207,12 @@ def test_cpu_plans_and_this_machine():
     tight = plan(gpu_gb=22.5, capability=(8, 9), host_gb=24, height=320, width=576, text_encoder_device="cpu")
     assert roomy.text_encoder_dtype == torch.float32 and tight.text_encoder_dtype == torch.bfloat16
     assert tight.fits and tight.peak_host_bytes <= 24 * GB < roomy.peak_host_bytes
+    # "auto" on a CPU-only host: the float32 copy when it fits, else streamed from the file in float32
+    # (one block at a time beats a whole copy in emulated bf16), never bf16 first.
+    cpu_roomy, cpu_tight = (plan(gpu_gb=0, host_gb=gb, height=320, width=576) for gb in (60, 24))
+    assert (cpu_roomy.text_encoder_device, cpu_roomy.text_encoder_dtype) == ("cpu", torch.float32)
+    assert (cpu_tight.text_encoder_device, cpu_tight.text_encoder_dtype) == ("streamed", torch.float32)
+    assert cpu_tight.fits and cpu_tight.peak_gpu_bytes == 0
     with pytest.raises(ValueError, match="needs a GPU"):
         plan("tiny", gpu_gb=0, host_gb=8, text_encoder_device="gpu")
     if not torch.cuda.is_available():

@@ -3,19 +3,18 @@ import pytest
 import torch
 
 import memflow_nb.engine.context as context_mod
-from conftest import stream_states
+from conftest import make_tiny_model, stream_states
 from memflow_nb.engine.config import StreamConfig
 from memflow_nb.engine.steps import step
 from memflow_nb.recording import bank_history, bank_slots, bank_thumbnails, bank_timeline, record_attention
 
 
-@pytest.fixture
-def run(stream_states):
-    """run(model, n_chunks, stream=StreamConfig()): the states and outputs of a 48x64 stream."""
-    return lambda model, n_chunks, stream=StreamConfig(): stream_states(model, n_chunks, stream, hw=(48, 64))
+def run(model, n_chunks, stream=StreamConfig()):
+    """The states and outputs of a 48x64 stream of n_chunks chunks."""
+    return stream_states(model, n_chunks, stream, hw=(48, 64))
 
 
-def test_recording_changes_no_output_bit(tiny_model, run):
+def test_recording_changes_no_output_bit(tiny_model):
     states, plain = run(tiny_model, 6)
     with record_attention(tiny_model) as rec:
         _, recorded = run(tiny_model, 6)
@@ -33,8 +32,6 @@ def test_nothing_is_registered_when_off(tiny_model):
 
 def test_a_recording_sees_only_its_model_in_its_thread(tiny_model):
     import threading
-
-    from conftest import make_tiny_model
 
     other = make_tiny_model(seed=1)
     other_states, _ = run(other, 2)
@@ -63,7 +60,7 @@ def test_observers_given_to_one_call(tiny_model):
     assert len(rec.cross_attention_summaries) == 4 * tiny_model.cfg.num_layers + tiny_model.cfg.num_layers - 1
 
 
-def test_pooled_mass_equals_brute_force_softmax(tiny_model, monkeypatch, run):
+def test_pooled_mass_equals_brute_force_softmax(tiny_model, monkeypatch):
     states, _ = run(tiny_model, 5)
     state = states[4]  # chunk 4: sink, two bank slots, rolled local window
     maps = []
@@ -96,7 +93,7 @@ def test_pooled_mass_equals_brute_force_softmax(tiny_model, monkeypatch, run):
     assert rec.peak_block_bytes == 3 * per_query_row
 
 
-def test_cross_attention_mass_is_a_distribution_over_text_tokens(tiny_model, run):
+def test_cross_attention_mass_is_a_distribution_over_text_tokens(tiny_model):
     states, _ = run(tiny_model, 2)
     with record_attention(tiny_model, layers=[1]) as rec:
         step(tiny_model, states[2])
@@ -106,7 +103,7 @@ def test_cross_attention_mass_is_a_distribution_over_text_tokens(tiny_model, run
     assert torch.allclose(m.sum(-1), torch.ones(m.shape[:-1]), atol=1e-5)
 
 
-def test_sma_recording_scatters_selected_frames(tiny_model, run):
+def test_sma_recording_scatters_selected_frames(tiny_model):
     states, _ = run(tiny_model, 8, StreamConfig(sma=True))
     with record_attention(tiny_model, cross=False) as rec:
         step(tiny_model, states[8])
@@ -130,7 +127,7 @@ def test_recorded_bank_refreshes_follow_the_record_schedule(tiny_model):
     assert len(events) == len(states[-1].memory_log)
 
 
-def test_budget_caps_what_is_kept(tiny_model, run):
+def test_budget_caps_what_is_kept(tiny_model):
     states, _ = run(tiny_model, 3)
     with pytest.warns(UserWarning, match="budget"):
         with record_attention(tiny_model, max_bytes=2000) as rec:
@@ -141,7 +138,7 @@ def test_budget_caps_what_is_kept(tiny_model, run):
     assert not big.truncated and big.peak_block_bytes <= 1 << 20
 
 
-def test_layer_by_key_frame_view(tiny_model, run):
+def test_layer_by_key_frame_view(tiny_model):
     states, _ = run(tiny_model, 5)
     with record_attention(tiny_model) as rec:
         step(tiny_model, states[5])
@@ -150,7 +147,7 @@ def test_layer_by_key_frame_view(tiny_model, run):
     assert torch.allclose(mass.sum(-1), torch.ones(mass.shape[:2]), atol=1e-5)
 
 
-def test_bank_views(tiny_model, run, tiny_vae):
+def test_bank_views(tiny_model, tiny_vae):
     states, _ = run(tiny_model, 14)
     s = states[-1]
     rows = bank_slots(s)
@@ -168,7 +165,7 @@ def test_bank_views(tiny_model, run, tiny_vae):
     assert img.shape == (48, 64, 3) and img.dtype.name == "uint8"
 
 
-def test_plots_render(tiny_model, tmp_path, run):
+def test_plots_render(tiny_model, tmp_path):
     import matplotlib
 
     matplotlib.use("Agg")

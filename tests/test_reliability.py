@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import memflow_nb.engine.model as model_mod
-from conftest import make_tiny_model, tiny_prompt
+from conftest import make_tiny_model, stream_states, tiny_prompt
 from memflow_nb.engine.config import StreamConfig
 from memflow_nb.engine.steps import init_state, set_prompt, step
 from memflow_nb.generation import generate
@@ -20,16 +20,13 @@ from memflow_nb.timeline.model import Timeline
 
 # -- streams past the RoPE table --------------------------------------------------------------------
 
-@pytest.fixture
-def run_chunks(stream_states):
-    """run_chunks(model, n, stream): (the state after n chunks of a 32x32 stream, their outputs)."""
-    def run(model, n, stream, hw=(32, 32), seed=0):
-        states, outs = stream_states(model, n, stream, hw=hw, seed=seed, prompt_seed=0)
-        return states[-1], outs
-    return run
+def run_chunks(model, n, stream, hw=(32, 32), seed=0):
+    """(The state after n chunks of a 32x32 stream, their outputs)."""
+    states, outs = stream_states(model, n, stream, hw=hw, seed=seed, prompt_seed=0)
+    return states[-1], outs
 
 
-def test_rebasing_keeps_window_attention_exact(run_chunks, make_tiny_model):
+def test_rebasing_keeps_window_attention_exact():
     """With window-only attention (no sink, no bank) only relative positions matter, so a stream
     re-based many times equals one with an unlimited position table."""
     stream = StreamConfig(sink_size=0, bank_size=0, local_attn_size=6)
@@ -41,7 +38,7 @@ def test_rebasing_keeps_window_attention_exact(run_chunks, make_tiny_model):
     assert max((x - y).abs().max().item() for x, y in zip(a, b)) < 1e-4
 
 
-def test_positions_never_pass_the_table(monkeypatch, run_chunks, tiny_prompt, make_tiny_model):
+def test_positions_never_pass_the_table(monkeypatch):
     model = make_tiny_model(rope_max_positions=24)
     seen = []
     real = model_mod.rope_cos_sin
@@ -59,7 +56,7 @@ def test_positions_never_pass_the_table(monkeypatch, run_chunks, tiny_prompt, ma
 
 
 LONG_RUN = textwrap.dedent("""
-    import dataclasses, gc, json, os
+    import dataclasses, gc, json, os, sys
     import torch
     sys.path.insert(0, "tests")
     from conftest import make_tiny_model, make_tiny_vae, tiny_prompt
@@ -75,7 +72,7 @@ LONG_RUN = textwrap.dedent("""
         state, x0 = step(model, state)
         pixels, vstate = decode_chunk(vae, x0, vstate)
         frames += pixels.shape[1]
-        state_bytes.append(state.nbytes() + sum(t.untyped_storage().nbytes() for t in vstate.caches))
+        state_bytes.append(state.nbytes() + sum(t.untyped_storage().nbytes() for t in vstate.tensors()))
         if c % 10 == 0:
             gc.collect()
             # Every tensor alive in the process, storage counted once: what the program holds.
@@ -159,19 +156,19 @@ def test_interrupted_step_leaves_the_state_usable(tiny_model):
     (0, 64, "height=0"), (64, -16, "width=-16"), (100, 64, "not divisible by 16"),
     ("480", 64, "height='480'"), (16 * 4096, 16 * 4096, "GB is free"),
 ])
-def test_absurd_resolutions_fail_before_allocating(tiny_model, height, width, message, tiny_prompt):
+def test_absurd_resolutions_fail_before_allocating(tiny_model, height, width, message):
     with pytest.raises(ValueError, match=message):
         init_state(tiny_model, StreamConfig(), tiny_prompt(0), height=height, width=width)
 
 
 @pytest.mark.parametrize("seed, error", [(-1, ValueError), (2 ** 63, ValueError), ("7", TypeError),
                                          (1.5, TypeError), (True, TypeError)])
-def test_seeds_outside_the_generator_range(tiny_model, seed, error, tiny_prompt):
+def test_seeds_outside_the_generator_range(tiny_model, seed, error):
     with pytest.raises(error, match="seed"):
         init_state(tiny_model, StreamConfig(), tiny_prompt(0), height=32, width=32, seed=seed)
 
 
-def test_nan_prompt_embeddings_are_refused(tiny_model, tiny_prompt):
+def test_nan_prompt_embeddings_are_refused(tiny_model):
     pe = tiny_prompt(0)
     pe[0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):

@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 import memflow_nb.weights.dit as dit_mod
+from conftest import MF, TARGETS, TINY_T5, WAN, tiny_dit_weights, tiny_lora, write_hub_layout
 import memflow_nb.weights.download as download_mod
 from memflow_nb.decode import VAEConfig, WanVAEDecoder, decode_chunk, init_decode_state
 from memflow_nb.engine.config import ModelConfig
@@ -31,58 +32,9 @@ from memflow_nb.weights.dit import dit_state_dict, lora_state_dict
 
 DATA = Path(__file__).parent / "data"
 TINY = ModelConfig.from_name("tiny")
-RANK = 4
-TARGETS = [f"{a}.{p}" for a in ("self_attn", "cross_attn") for p in "qkvo"] + ["ffn.0", "ffn.2"]
-WAN, MF = REPOS[0].folder, REPOS[1].folder
+RANK = 4  # tiny_lora's default rank
 REQUIRED = ["Wan2.1_VAE.pth", "models_t5_umt5-xxl-enc-bf16.pth", "google/umt5-xxl/tokenizer.json", "base.pt",
             "lora.pt"]
-
-
-# ------------------------------------------------------------------------------ file makers
-
-def tiny_dit_weights(seed=3) -> dict:
-    return recipe_weights(meta_shapes(lambda: CausalWanModel(TINY)), seed)
-
-
-def tiny_lora(cfg=TINY, rank=RANK, seed=4) -> dict:
-    """PEFT-named LoRA weights for every MemFlow target of a DiT config."""
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for i in range(cfg.num_layers):
-        for t in TARGETS:
-            d_in = cfg.ffn_dim if t == "ffn.2" else cfg.dim
-            d_out = cfg.ffn_dim if t == "ffn.0" else cfg.dim
-            key = f"base_model.model.blocks.{i}.{t}"
-            out[f"{key}.lora_A.weight"] = torch.randn(rank, d_in, generator=g) * 0.1
-            out[f"{key}.lora_B.weight"] = torch.randn(d_out, rank, generator=g) * 0.1
-    return out
-
-
-def vaemeta_shapes(dim: int) -> dict:
-    """The full 194-tensor Wan2.1_VAE.pth layout (encoder included) at width `dim` instead of 96."""
-    full = json.loads((DATA / "recipe_keys.json").read_text())["vae"]
-    # Channel counts are multiples of 96; the other sizes (RGB 3, z 16 / 32, kernels) are not.
-    return {k: tuple(s // 96 * dim if s % 96 == 0 else s for s in v) for k, v in full.items()}
-
-
-TINY_T5 = T5Config(vocab=259, dim=TINY.text_dim, dim_attn=32, dim_ffn=64, num_heads=4, num_layers=2, num_buckets=32)
-
-
-def write_hub_layout(root: Path, *, base=None, lora=None) -> dict:
-    """<root>/Wan2.1-T2V-1.3B/... and <root>/MemFlow/... with tiny weights and the real names."""
-    base = tiny_dit_weights() if base is None else base
-    lora = tiny_lora() if lora is None else lora
-    (root / MF).mkdir(parents=True, exist_ok=True)
-    tok_dir = root / WAN / "google" / "umt5-xxl"
-    tok_dir.mkdir(parents=True, exist_ok=True)
-    torch.save({"generator": {"model." + k: v for k, v in base.items()}, "step": 100}, root / MF / "base.pt")
-    torch.save({"generator_lora": lora, "step": 100}, root / MF / "lora.pt")
-    t5 = {k: v.to(torch.bfloat16) for k, v in recipe_weights(meta_shapes(lambda: UMT5Encoder(TINY_T5)), 5).items()}
-    torch.save(t5, root / WAN / "models_t5_umt5-xxl-enc-bf16.pth")
-    vae = recipe_weights(vaemeta_shapes(8), 6)
-    torch.save(vae, root / WAN / "Wan2.1_VAE.pth")
-    tiny_tokenizer().save(str(tok_dir / "tokenizer.json"))
-    return {"base": base, "lora": lora, "t5": t5, "vae": vae}
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ two dataclasses and the latent resolution; nothing else is hard-coded.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Mapping
@@ -63,11 +64,14 @@ MODEL_PRESETS = MappingProxyType({
 })
 
 
+EMPTY_FRAMES = ("zeros", "skip")
+
+
 @dataclass(frozen=True)
 class StreamConfig:
     """Streaming settings. Defaults equal the official MemFlow interactive inference config."""
 
-    chunk_frames: int = 3  # latent frames generated per step (num_frame_per_block)
+    chunk_frames: int = 3  # latent frames per step (num_frame_per_block); the official bank math assumes 3
     local_attn_size: int = 12  # attention window in latent frames, sink and current chunk included
     sink_size: int = 3  # first latent frames kept for the whole stream
     bank_size: int = 3  # memory-bank slots (latent frames) per layer; 0 disables memory
@@ -80,6 +84,15 @@ class StreamConfig:
     sma: bool = False  # sparse memory activation
     sma_top_k: int = 3  # frames of [sink | bank] kept per head when SMA is on
     num_train_timesteps: int = 1000
+    # Which official pipeline the bank follows. False: interactive_inference.py (a record is made
+    # every record_interval chunks). True: the single-prompt inference.py, whose every clean pass
+    # replaces the pending record with its chunk's first frame (the bank pointer still moves every
+    # record_interval chunks, so the newest slot follows the latest chunk until the next record).
+    bank_record_every_chunk: bool = False
+    # Key frames the official code attends to before anything was written there (sink frames a
+    # stream has not reached, bank slots not filled yet, slots emptied by `evict`): "zeros" attends
+    # to all-zero keys/values there (official); "skip" leaves them out of attention.
+    empty_frames: str = "zeros"
 
     def __post_init__(self):
         object.__setattr__(self, "denoising_steps", tuple(int(s) for s in self.denoising_steps))
@@ -90,6 +103,11 @@ class StreamConfig:
         need(self.sink_size >= 0, f"sink_size={self.sink_size} must be >= 0")
         need(self.bank_size >= 0, f"bank_size={self.bank_size} must be >= 0")
         need(self.record_interval >= 1, f"record_interval={self.record_interval} must be >= 1")
+        need(self.local_attn_size != -1,
+             "local_attn_size=-1 is the official 'global attention': the cache keeps the whole video, but "
+             "attention still stops at 32760 tokens, sink included, which is 21 latent frames at 832x480 (at "
+             "other sizes a different number of frames). It is local_attn_size=21 at 832x480; set that (we "
+             "keep the window in frames at every size and never grow the cache with the video)")
         need(self.local_attn_size - self.sink_size >= self.chunk_frames,
              f"local_attn_size={self.local_attn_size} must leave room for sink_size={self.sink_size} "
              f"plus one chunk of {self.chunk_frames} frames")
@@ -98,6 +116,7 @@ class StreamConfig:
              f"denoising_steps={self.denoising_steps} must lie in (0, {self.num_train_timesteps}]")
         need(self.sma_top_k >= 1, f"sma_top_k={self.sma_top_k} must be >= 1")
         need(self.timestep_shift > 0, f"timestep_shift={self.timestep_shift} must be > 0")
+        need(self.empty_frames in EMPTY_FRAMES, f"empty_frames={self.empty_frames!r} must be one of {EMPTY_FRAMES}")
 
     @property
     def prev_frames(self) -> int:
@@ -106,6 +125,20 @@ class StreamConfig:
 
     def replace(self, **changes) -> "StreamConfig":
         return dataclasses.replace(self, **changes)
+
+
+def warn_unofficial(stream: StreamConfig) -> None:
+    """Warn (once per setting, through `warnings`) where the official code computes something else.
+
+    The official bank arithmetic has literal 3s for the chunk length (the bank pointer, which
+    record slots a pass sees, the record test), so with chunk_frames != 3 it attends to a fraction
+    of a frame of zero keys; ours counts in chunks of chunk_frames.
+    """
+    if stream.chunk_frames != 3:
+        warnings.warn(f"StreamConfig(chunk_frames={stream.chunk_frames}): the official MemFlow bank arithmetic "
+                      "assumes 3-frame chunks (literal 3s), so it computes something else here; memflow_nb "
+                      "generalises it (a record every record_interval chunks of chunk_frames frames)",
+                      UserWarning, stacklevel=3)
 
 
 def preset(presets: Mapping, name: str, kind: str):

@@ -4,7 +4,8 @@ A pass over frames [p0, p1) attends to
     [sink frames 0..sink-1 | visible bank slots | local frames max(sink, p1-(local-sink)) .. p1-1]
 where a frame comes from this pass if the pass covers it (sink frames only when the pass is not
 a re-cache of already cached frames), otherwise from the cache, and unwritten sink frames are
-zeros (see `layout`).
+zeros (or left out: `StreamConfig.empty_frames`, see `layout`). Key frames an ablation masks, or
+empty bank slots a stream skips, are masked per layer and head (masks.py); data is never deleted.
 
 A `Workspace` holds those key frames for all layers in one buffer [L, 2, B, n_frames * T, H, D]:
 the cached and zero frames are written once per chunk, and each pass writes only its own frames'
@@ -21,6 +22,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from . import masks
 from . import memory as mem
 from .model import Attention, sdpa
 from .observers import Observer, PassInfo
@@ -30,8 +32,12 @@ from .state import State
 Piece = tuple[str, object]
 
 
-def layout(state: State, p0: int, p1: int, recompute: bool) -> tuple[list[Piece], list[Piece], list[Piece]]:
-    """Key frames of a pass over frames [p0, p1): (sink, bank, local), one `Piece` per frame."""
+def layout(state: State, p0: int, p1: int, recompute: bool) -> tuple[list[Piece], list[Piece], list[Piece], tuple]:
+    """Key frames of a pass over frames [p0, p1): (sink, bank, local) pieces, one per frame, and
+    their labels (group, frame, slot) in key order (group sink / bank / local / current).
+
+    Frames nothing was written to yet are zero pieces, or left out when the stream skips them.
+    """
     sc = state.stream
     cached = dict(state.cache)
 
@@ -42,14 +48,19 @@ def layout(state: State, p0: int, p1: int, recompute: bool) -> tuple[list[Piece]
             return ("cache", cached[f])
         return ("zero", None)
 
-    sink = [frame(f, not recompute) for f in range(sc.sink_size)]
+    sink = [(frame(f, not recompute), ("sink", f, -1)) for f in range(sc.sink_size)]
     lo = max(sc.sink_size, p1 - (sc.local_attn_size - sc.sink_size))
-    local = [frame(f, True) for f in range(lo, p1)]
+    local = [(frame(f, True), ("current" if p0 <= f < p1 else "local", f, -1)) for f in range(lo, p1)]
     bank = []
     if sc.sink_size > 0 and sc.bank_size > 0:  # the official sink-less path never reads the bank
-        visible = min(state.n_records, sc.bank_size)
-        bank = [("cache", state.bank[j]) if j < len(state.bank) else ("zero", None) for j in range(visible)]
-    return sink, bank, local
+        # Officially the slots recorded so far; slots put there by an intervention are seen too.
+        visible = max(min(state.n_records, sc.bank_size), len(state.bank))
+        bank = [(("cache", state.bank[j]) if j < len(state.bank) else ("zero", None), ("bank", -1, j))
+                for j in range(visible)]
+    if sc.empty_frames == "skip":
+        sink, bank, local = ([p for p in part if p[0][0] != "zero"] for part in (sink, bank, local))
+    labels = tuple(label for part in (sink, bank, local) for _, label in part)
+    return [p for p, _ in sink], [p for p, _ in bank], [p for p, _ in local], labels
 
 
 class Workspace:
@@ -65,21 +76,29 @@ class Workspace:
         self.one_pass = one_pass
         self.rope_start = p0 - state.pos_offset
         self.T = state.tokens_per_frame
-        self.sink, self.bank, self.local = layout(state, p0, p1, recompute)
+        self.sink, self.bank, self.local, self.key_labels = layout(state, p0, p1, recompute)
         pieces = self.sink + self.bank + self.local
         self.n_frames = len(pieces)
         self.n_glob = len(self.sink) + len(self.bank)
         self.sma = state.stream.sma and state.stream.sink_size > 0 and self.n_glob > 0
+        # [L, B, H, n_frames] key frames masked out (ablations, skipped empty slots), or None.
+        self.blocked = masks.key_mask(state, self.key_labels, state.chunk_index, state.model_config.num_heads)
+        self._layer_masks: dict[int, masks.LayerMask] = {}
         self.fixed = tuple((i, val) for i, (kind, val) in enumerate(pieces) if kind != "cur")
         self.runs = copy_runs((i, j) for i, (kind, j) in enumerate(pieces) if kind == "cur")
         self.buffer: Optional[torch.Tensor] = None
 
     def labels(self) -> tuple:
         """Per key frame (group, frame, slot): group sink / bank / local / current (see PassInfo)."""
-        sc = self.state.stream
-        lo = max(sc.sink_size, self.p1 - (sc.local_attn_size - sc.sink_size))
-        return tuple([("sink", f, -1) for f in range(len(self.sink))] + [("bank", -1, j) for j in range(len(self.bank))]
-                     + [("current" if self.p0 <= f < self.p1 else "local", f, -1) for f in range(lo, self.p1)])
+        return self.key_labels
+
+    def layer_mask(self, layer: int, dtype, device) -> Optional[masks.LayerMask]:
+        """This layer's mask in attention form, or None when it attends to every key frame."""
+        if self.blocked is None or not bool(self.blocked[layer].any()):
+            return None
+        if layer not in self._layer_masks:
+            self._layer_masks[layer] = masks.layer_mask(self.blocked[layer], self.T, dtype, device)
+        return self._layer_masks[layer]
 
     def use(self, buffer: torch.Tensor) -> None:
         """Keep the key frames in `buffer` [L, 2, B, >= n_frames * T, H, D]; writes the fixed frames."""
@@ -120,18 +139,30 @@ class Workspace:
 
 
 def attend_keys(ws: Workspace, layer: int, q, keys, values, backends, observers, info) -> torch.Tensor:
-    """Attention of q over all key frames keys/values [B, n_frames * T, H, D] (SMA applied here)."""
+    """Attention of q over all key frames keys/values [B, n_frames * T, H, D] (masks and SMA applied here)."""
+    mask = ws.layer_mask(layer, q.dtype, q.device)
     if ws.sma:
+        blocked = ws.blocked[layer] if mask is not None else None  # [B, H, n_frames]
         g = ws.n_glob * ws.T
-        kg, vg, sel = mem.sma_select(q, keys[:, :g], values[:, :g], ws.T, ws.state.stream.sma_top_k)
+        kg, vg, sel = mem.sma_select(q, keys[:, :g], values[:, :g], ws.T, ws.state.stream.sma_top_k,
+                                     blocked=None if blocked is None else blocked[..., :ws.n_glob])
         kg = torch.cat([kg, keys[:, g:].transpose(1, 2)], dim=2)
         vg = torch.cat([vg, values[:, g:].transpose(1, 2)], dim=2)
         for ob in observers:
             ob.self_attention(info, layer, q, kg, sma_frames=sel)
-        return sdpa(q, kg.transpose(1, 2), vg.transpose(1, 2), backends)
+        attended = None
+        if blocked is not None:  # frames SMA had to take although masked stay masked
+            glob = torch.gather(blocked[..., :ws.n_glob].to(sel.device), -1, sel)
+            attended = torch.cat([glob, blocked[..., ws.n_glob:].to(sel.device)], dim=-1)
+        bias = masks.bias(attended, ws.T, q.dtype, q.device)
+        return sdpa(q, kg.transpose(1, 2), vg.transpose(1, 2), backends, bias)
     for ob in observers:
         ob.self_attention(info, layer, q, keys.transpose(1, 2))
-    return sdpa(q, keys, values, backends)
+    if mask is None:
+        return sdpa(q, keys, values, backends)
+    if mask.keep is not None:  # frames no head sees: left out, as if the context lacked them
+        keys, values = keys.index_select(1, mask.keep), values.index_select(1, mask.keep)
+    return sdpa(q, keys, values, backends, mask.bias)
 
 
 def copy_runs(pairs) -> tuple[tuple[int, int, int], ...]:
@@ -183,7 +214,7 @@ class PassAttention(Attention):
         self.observers = tuple(observers)
         st = workspace.state
         self.info = PassInfo(st.chunk_index, kind, step, (workspace.p0, workspace.p1), workspace.labels(),
-                             st.bank_frames, workspace.T) if self.observers else None
+                             st.bank_frames, workspace.T, workspace.blocked) if self.observers else None
 
     def __call__(self, layer, q, k, v, need_output):
         if self.record is not None:

@@ -274,19 +274,20 @@ def merge_heads(y: torch.Tensor, frames: int) -> torch.Tensor:
     return rearrange(y, "b (f t) h d -> b f t (h d)", f=frames)
 
 
-def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backends=None) -> torch.Tensor:
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backends=None,
+         bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Plain softmax attention, scale 1/sqrt(D). q [B, Lq, H, D], k/v [B, Lk, H, D] -> [B, Lq, H, D].
 
     backends: SDPA kernels to try first, in order (a list of `torch.nn.attention.SDPBackend`,
-    CUDA only); None leaves the choice to PyTorch.
+    CUDA only); None leaves the choice to PyTorch. bias: additive logits [B, H, 1, Lk] (a mask).
     """
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     if backends is None or not q.is_cuda:
-        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias).transpose(1, 2)
     from torch.nn.attention import sdpa_kernel
 
     with sdpa_kernel(backends, set_priority=True):
-        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias).transpose(1, 2)
 
 
 def _plain_cross(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

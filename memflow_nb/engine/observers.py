@@ -16,7 +16,7 @@ from __future__ import annotations
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Protocol
+from typing import Iterator, Optional, Protocol
 
 import torch
 
@@ -32,6 +32,7 @@ class PassInfo:
     key_frames: tuple  # per key frame, in key order: (group, frame, slot), see memflow_nb.recording
     bank_frames: torch.Tensor  # [L, B, n] source frame per bank slot (per layer)
     tokens_per_frame: int
+    blocked: Optional[torch.Tensor] = None  # [L, B, H, n_key_frames] True: masked out (engine/masks.py)
 
 
 class Observer(Protocol):

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import ModelConfig, StreamConfig
+from .masks import Ablation
 from .memory import Bank, MemoryEvent
 
 KV = torch.Tensor  # [L, 2, B, T * frames, H, D]
@@ -32,7 +33,8 @@ class State:
 
     Shapes: L layers, B batch, T tokens per latent frame, H heads, D head dim, C latent channels.
     The memory bank is one record, `memory`; `bank`, `bank_frames`, `bank_scores`, `pending`,
-    `pending_frame`, `n_records` and `records` read its fields.
+    `pending_frame`, `n_records` and `records` read its fields. `ablations` are attention masks
+    on the bank or the sink (memflow_nb.interventions.ablate).
     """
 
     model_id: str
@@ -50,6 +52,7 @@ class State:
     history: torch.Tensor  # [B, n <= local_attn_size, C, h, w] clean latents of the last frames
     memory_log: tuple[MemoryEvent, ...]  # the last MEMORY_LOG_MAX bank refreshes
     pos_offset: int = 0  # RoPE position = frame - pos_offset (see memflow_nb.engine.steps)
+    ablations: tuple[Ablation, ...] = ()  # attention masks on the bank / sink (memflow_nb.interventions)
 
     # The bank's fields, read through the state (read-only).
     bank = _bank_field("slots", "Bank slots, kv [L, 2, B, T, H, D] each.")

@@ -28,7 +28,7 @@ import torch
 
 from . import memory as mem
 from .checks import check_memory, check_model, check_prompt_embeds, check_seed, check_state
-from .config import StreamConfig, latent_size
+from .config import StreamConfig, latent_size, warn_unofficial
 from .context import PassAttention, PassKV, Workspace
 from .model import rotate_time
 from .noise import step_noise
@@ -54,6 +54,7 @@ def init_state(model, stream: StreamConfig, prompt_embeds: torch.Tensor, *,
         raise TypeError(f"stream must be a StreamConfig, got {type(stream).__name__}")
     h, w = latent_size(height, width)
     check_seed(seed)
+    warn_unofficial(stream)
     pe = check_prompt_embeds(model, prompt_embeds)
     check_memory(model, stream, h, w, pe.shape[0])
     text_kv = model.text_kv(pe)
@@ -94,8 +95,10 @@ def step(model, state: State, *, noise: Optional[torch.Tensor] = None,
     p0 = state.position
     # The refresh runs before the blocks of the first denoising call, with the text keys as they
     # are then (zero right after a switch); the blocks then compute this prompt's text K/V.
-    with prof("memflow.refresh"):
-        state = update_memory(model, state, observers=observers)
+    # The single-prompt pipeline asks for the refresh only on a first step that is not the last.
+    if not (sc.bank_record_every_chunk and len(steps) == 1):
+        with prof("memflow.refresh"):
+            state = update_memory(model, state, observers=observers)
     ws = Workspace(state, p0, p0 + n, recompute=False)
     graphs = _graphs_for(model, ws, observers)
     x = noise
@@ -111,8 +114,8 @@ def step(model, state: State, *, noise: Optional[torch.Tensor] = None,
         if i + 1 < len(steps):
             x = add_noise(x0, renoise[i], steps[i + 1].sigma)
     state = dataclasses.replace(state, nam_text_zeroed=False)
-    if len(steps) == 1:
-        # Official quirk: q_bank keeps its last loop value, True when there is a single step,
+    if len(steps) == 1 and not sc.bank_record_every_chunk:
+        # Official (interactive) quirk: q_bank keeps its last loop value, True when there is a single step,
         # so the clean pass refreshes the bank once more.
         state = update_memory(model, state, observers=observers)
         ws = Workspace(state, p0, p0 + n, recompute=False)
@@ -240,7 +243,8 @@ def _rebase(state: State, next_end: int) -> State:
         return (frames - new).clamp(min=s) - (frames - old).clamp(min=s)
 
     bank = state.memory
-    slots = tuple(_rotate_kv(slot, moved(bank.frames[:, :, j])) for j, slot in enumerate(bank.slots))
+    positions = bank.positions()
+    slots = tuple(_rotate_kv(slot, moved(positions[:, :, j])) for j, slot in enumerate(bank.slots))
     pending = bank.pending
     if pending is not None:
         pending = _rotate_kv(pending, int(moved(torch.tensor(bank.pending_frame))))
@@ -271,8 +275,9 @@ def _commit_chunk(state: State, new_kv: KV, x0: torch.Tensor) -> State:
     p0, n = state.position, x0.shape[1]
     c = state.chunk_index
     memory = state.memory
-    if sc.bank_size > 0 and c % sc.record_interval == 0:
-        # The chunk's first latent frame becomes the prototype that enters the bank next chunk.
+    if sc.bank_size > 0 and (c % sc.record_interval == 0 or sc.bank_record_every_chunk):
+        # The chunk's first latent frame becomes the prototype that enters the bank next chunk
+        # (every chunk in the single-prompt pipeline; the pointer counts record_interval chunks).
         memory = memory.with_record(p0, new_kv[:, :, :, :T].clone(), x0[:, 0], c // sc.record_interval + 1)
     hist = torch.cat([state.history, x0], dim=1)[:, -sc.local_attn_size:]
     cache = _merge_cache(state, new_kv, range(p0, p0 + n), p0 + n)

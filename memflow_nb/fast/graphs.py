@@ -45,11 +45,11 @@ class PassGraphs:
 
     def usable(self, ws: Workspace) -> bool:
         """Graphs serve the workspaces of chunk 0 and of the steady state: the pass's own frames
-        are the last chunk_frames key frames, after every cached one."""
+        are the last chunk_frames key frames, after every cached one, and nothing is masked."""
         sc = ws.state.stream
         steady = ws.n_frames - sc.chunk_frames
         full = sc.sink_size + (sc.bank_size if sc.sink_size > 0 else 0) + sc.prev_frames
-        return ws.state.device.type == "cuda" and steady in (0, full) \
+        return ws.state.device.type == "cuda" and steady in (0, full) and ws.blocked is None \
             and ws.runs == ((steady, 0, sc.chunk_frames),)
 
     def prepare(self, ws: Workspace) -> None:

@@ -5,7 +5,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from ..engine.memory import MemoryEvent
+from ..engine.memory import MemoryEvent, is_outside
 from ..recording import AttentionRecording, bank_timeline
 
 
@@ -15,15 +15,22 @@ def _plt():
     return plt
 
 
+def _frame_name(frame: int) -> str:
+    """A slot's frame as shown: its number, "-" when empty, "O<k>" for the k-th outside picture."""
+    return "-" if frame == -1 else f"O{-2 - frame}" if is_outside(frame) else str(frame)
+
+
 def _short(label) -> str:
     g, f, slot = label
-    return {"sink": f"S{f}", "bank": f"B{slot}:{f}", "local": f"L{f}", "current": f"C{f}"}[g]
+    return {"sink": f"S{f}", "bank": f"B{slot}:{_frame_name(f)}", "local": f"L{f}", "current": f"C{f}"}[g]
 
 
 def plot_bank_timeline(events: Sequence[MemoryEvent], layers: Optional[Sequence[int]] = None, batch: int = 0):
     """Which source frame sits in which bank slot after each refresh, one panel per layer.
 
-    x: chunk of the refresh; y: slot; colour and number: the source latent frame.
+    x: chunk of the refresh (or intervention); y: slot; colour and number: the source latent
+    frame. Outside pictures (memflow_nb.interventions.inject_image) are grey cells "O<k>", named
+    in the title; empty slots are blank.
     """
     plt = _plt()
     if not events:
@@ -39,16 +46,20 @@ def plot_bank_timeline(events: Sequence[MemoryEvent], layers: Optional[Sequence[
     for ax, l in zip(axes[:, 0], layers):
         data = np.ma.masked_less(grid[:, l, :].T.astype(float), 0)
         ax.imshow(data, aspect="auto", cmap="viridis", vmin=0, vmax=vmax, interpolation="nearest")
+        ax.imshow(np.ma.masked_greater(grid[:, l, :].T.astype(float), -2), aspect="auto", cmap="Greys",
+                  vmin=-4, vmax=0, interpolation="nearest")  # outside pictures
         for i in range(len(events)):
             for j in range(slots):
-                if grid[i, l, j] >= 0:
-                    ax.text(i, j, str(grid[i, l, j]), ha="center", va="center", fontsize=7, color="w")
+                if grid[i, l, j] >= 0 or is_outside(grid[i, l, j]):
+                    ax.text(i, j, _frame_name(int(grid[i, l, j])), ha="center", va="center", fontsize=7, color="w")
         ax.set_yticks(range(slots), [f"slot {j}" for j in range(slots)])
         ax.set_ylabel(f"layer {l}")
     step = max(1, len(chunks) // 20)
     axes[-1, 0].set_xticks(range(0, len(chunks), step), [str(c) for c in chunks[::step]])
     axes[-1, 0].set_xlabel("chunk (bank refresh)")
-    fig.suptitle("Memory bank: source latent frame per slot")
+    outside = dict(o for e in events for o in e.outside)
+    names = ", ".join(f"{_frame_name(c)} = {label}" for c, label in sorted(outside.items(), reverse=True))
+    fig.suptitle("Memory bank: source latent frame per slot" + (f" (outside: {names})" if names else ""))
     fig.tight_layout()
     return fig
 
@@ -112,7 +123,7 @@ def plot_retrieval_scores(events: Sequence[MemoryEvent], layer: Optional[int] = 
             ax.text(a, 1.0, label, transform=ax.get_xaxis_transform(), fontsize=7, va="top")
     for f in sorted(series):
         xs, ys = zip(*series[f])
-        ax.plot(xs, ys, marker="o", ms=3, lw=1, label=f"frame {f}")
+        ax.plot(xs, ys, marker="o", ms=3, lw=1, label=f"frame {_frame_name(f)}")
     for c in zeroed:
         ax.axvline(c, color="k", lw=0.6, ls=":")
         ax.plot([c], [0.0], "kx")

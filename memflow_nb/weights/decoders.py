@@ -14,6 +14,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import Tensor
 
+from ..decode.encoder import ENCODER_PREFIXES
 from ..decode.tae import TAEConfig, TAEDecoder
 from ..decode.vae import VAEConfig, WanVAEDecoder
 from .build import build_assigned, check_state_dict, meta_shapes, split_state_dict
@@ -47,7 +48,7 @@ class DecoderFile:
         return build_assigned(lambda: self.build(config), dec, device=device, dtype=dtype), skipped
 
 
-WAN_VAE_FILE = DecoderFile(WanVAEDecoder, ("encoder.", "conv1."), lambda c: f"VAE decoder (dim {c.dim})")
+WAN_VAE_FILE = DecoderFile(WanVAEDecoder, ENCODER_PREFIXES, lambda c: f"VAE decoder (dim {c.dim})")
 TAE_FILE = DecoderFile(TAEDecoder, ("encoder.",), lambda c: f"TAE decoder (channels {list(c.channels)})")
 split_vae_state_dict = WAN_VAE_FILE.split
 split_tae_state_dict = TAE_FILE.split

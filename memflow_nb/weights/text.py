@@ -41,7 +41,7 @@ from typing import Mapping
 import torch
 from torch import Tensor
 
-from .errors import KeyMismatch, WeightsNotFound
+from .errors import KeyMismatch, WeightsNotFound, readme
 from .files import read_checkpoint, safetensors_header, tensors_only
 from ..precision import BF16_CAPABILITY, cuda_capability, resolve_dtype
 from ..engine.checks import free_bytes as _free_bytes  # free memory of a device: CUDA's, or MemAvailable on the CPU
@@ -392,7 +392,7 @@ def load_text_encoder(path: str | os.PathLike, tokenizer_dir: str | os.PathLike,
         has = sorted(p.name for p in tokenizer_dir.iterdir()) if tokenizer_dir.is_dir() else None
         raise WeightsNotFound(f"tokenizer folder {tokenizer_dir} has no tokenizer.json "
                               f"({'it does not exist' if has is None else f'it holds {has[:10]}'}). Download "
-                              "google/umt5-xxl/* from Wan-AI/Wan2.1-T2V-1.3B (README, section 'Weights').")
+                              f"google/umt5-xxl/* from Wan-AI/Wan2.1-T2V-1.3B ({readme('Weights')}).")
     info, tensors = read_text_encoder_file(path, config)
     tokenizer = Tokenizer(tokenizer_dir)
     if tokenizer.vocab_size > info.cfg.vocab:
