@@ -146,7 +146,7 @@ def test_cli_says_where_segments_start_and_where_the_conditioning_changes(tmp_pa
 
 @pytest.mark.parametrize("args, message", [
     (["missing.json"], "no such file"),
-    (["BAD", "--height", "100"], "not divisible by 16"),
+    (["BAD", "--height", "100", "--width", "64"], "not divisible by 16"),
     (["BAD", "-o", "x.avi"], "unsupported video type"),
     (["BADTL"], "prompts.0.prompts.0.text"),
 ])

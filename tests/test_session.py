@@ -94,8 +94,8 @@ def test_session_refuses_what_it_cannot_do(tae_pipe):
     list(session.generate(tl(FOX), num_chunks=2))
     with pytest.raises(SessionError, match="outside the video made so far"):
         session.regenerate_from(3)
-    with pytest.raises(SessionError, match=r"the size changed \(32x32 -> 48x32\)"):
-        session.regenerate_from(1, height=48)
+    with pytest.raises(SessionError, match=r"the size changed \(32x32 -> 48x48\)"):
+        session.regenerate_from(1, height=48, width=48)
     with pytest.raises(SessionError, match="nothing to make from chunk 2"):
         session.regenerate_from(2, num_chunks=2)
     run = session.generate(tl(OWL))
