@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from memflow_nb import batch, metrics as M
-from memflow_nb.memory import MemoryEvent
+from memflow_nb.engine.memory import MemoryEvent
 from memflow_nb.study_plan import (Run, Setting, Story, StudyInputError, parse_seeds, parse_settings, plan_runs,
                                    read_stories, shard)
 
