@@ -114,6 +114,11 @@ def load(name: str = "memflow", *, local_dir: str | os.PathLike | None = None, r
     if name not in ("memflow", "tiny"):
         raise ValueError(f"unknown pipeline {name!r}; known: 'memflow', 'tiny'")
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and "PYTORCH_CUDA_ALLOC_CONF" not in os.environ:
+        # Growable segments instead of fixed blocks: a stream's tensors change size every chunk, and
+        # with fixed blocks a 15 GB card ran out with 3.6 GB reserved but unusable (measured). A
+        # process-wide allocator setting; set PYTORCH_CUDA_ALLOC_CONF yourself to choose another.
+        torch.cuda.memory._set_allocator_settings("expandable_segments:True")
     knobs = dict(height=height, width=width, hardware=hardware, fp8_dit=fp8_dit, vae_per_frame=vae_per_frame,
                  text_encoder_device=text_encoder_mode, text_encoder_dtype=text_encoder_dtype)
     if name == "tiny":

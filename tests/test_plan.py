@@ -153,7 +153,10 @@ def test_fp8_is_refused_below_capability_8_9_and_counted_above():
     bf16 = plan(hardware=PRESETS["l4"], height=320, width=576, text_encoder_device="streamed")
     fp8 = plan(hardware=PRESETS["l4"], height=320, width=576, fp8_dit=True, text_encoder_device="streamed")
     saved = bf16.peak_gpu_bytes - fp8.peak_gpu_bytes
-    assert fp8.fp8_dit and 1.1 * GB < saved < 1.4 * GB  # the 1.26 B linear weights, 1 byte instead of 2
+    from memflow_nb.planning import GPU_SLACK
+
+    # the 1.26 B linear weights, 1 byte instead of 2, plus the allocator slack counted on them
+    assert fp8.fp8_dit and 1.1 * GB < saved < 1.4 * (1 + GPU_SLACK) * GB
 
 
 def test_plan_for_load_refuses_an_impossible_case_before_loading():
@@ -272,7 +275,7 @@ def test_memflow_nb_plan_is_the_function_before_and_after_the_planning_module_is
 
 def test_without_a_size_load_plans_the_largest_default_shaped_size_that_fits():
     t4 = plan_for_load("memflow", "cuda", hardware=PRESETS["t4"])
-    assert t4.fits and (t4.height, t4.width) == (448, 784) and t4.dtype == torch.float16
+    assert t4.fits and (t4.height, t4.width) == (400, 688) and t4.dtype == torch.float16  # measured to run (BENCHMARKS.md)
     assert not plan(hardware=PRESETS["t4"], height=t4.height + 16, width=t4.width + 32).fits
     h200 = plan_for_load("memflow", "cuda", hardware=PRESETS["h200"])
     assert (h200.height, h200.width) == (480, 832)
