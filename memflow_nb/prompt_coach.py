@@ -12,7 +12,7 @@ import math
 import warnings
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Literal, Optional
+from typing import Any, Iterator, Literal, Optional
 
 from . import prompt_text as pt
 from .engine.config import ModelConfig
@@ -160,25 +160,30 @@ def _length_findings(timeline: Timeline, tokens, limit: int, tokenizer, settings
     return out
 
 
-def _pronoun_findings(timeline: Timeline) -> list[Finding]:
-    out = []
+def _each_prompt(timeline: Timeline, read) -> Iterator[tuple[int, int, object, object]]:
+    """(segment, prompt index, prompt, read(prompt text)) for every prompt where `read` finds something."""
     for i, seg in enumerate(timeline.segments):
         for k, p in enumerate(seg.prompts):
-            pronoun = pt.starts_with_pronoun(p.text)
-            if pronoun is None:
-                continue
-            # The subject it most likely means: the nearest earlier segment that names one.
-            source = next((j for j in range(i - 1, -1, -1) if pt.subject_phrase(_main_text(timeline.segments[j]))),
-                          None)
-            subject = replacement = None
-            if source is not None:
-                src = _main_text(timeline.segments[source])
-                subject, replacement = pt.subject_phrase(src), pt.copy_description(src, p.text)
-            reason = (f"opens with '{pronoun}': each prompt is read on its own, so the model does not know "
-                      f"who '{pronoun}' is")
-            suggestion = (f"name the subject as segment {source} describes it: '{subject}'" if subject
-                          else "name who or what it is, and describe them")
-            out.append(Finding(i, "pronoun_start", "warn", reason, suggestion, k, replacement, other=source))
+            found = read(p.text)
+            if found is not None:
+                yield i, k, p, found
+
+
+def _pronoun_findings(timeline: Timeline) -> list[Finding]:
+    out = []
+    for i, k, p, pronoun in _each_prompt(timeline, pt.starts_with_pronoun):
+        # The subject it most likely means: the nearest earlier segment that names one.
+        source = next((j for j in range(i - 1, -1, -1) if pt.subject_phrase(_main_text(timeline.segments[j]))),
+                      None)
+        subject = replacement = None
+        if source is not None:
+            src = _main_text(timeline.segments[source])
+            subject, replacement = pt.subject_phrase(src), pt.copy_description(src, p.text)
+        reason = (f"opens with '{pronoun}': each prompt is read on its own, so the model does not know "
+                  f"who '{pronoun}' is")
+        suggestion = (f"name the subject as segment {source} describes it: '{subject}'" if subject
+                      else "name who or what it is, and describe them")
+        out.append(Finding(i, "pronoun_start", "warn", reason, suggestion, k, replacement, other=source))
     return out
 
 
@@ -186,22 +191,18 @@ def _drift_findings(timeline: Timeline, settings: CoachSettings) -> list[Finding
     # Every prompt's subject phrase against those of all earlier segments, earliest first: the
     # first description of a subject is the one to keep.
     out = []
-    for i, seg in enumerate(timeline.segments):
-        for k, p in enumerate(seg.prompts):
-            subject = pt.subject_phrase(p.text)
-            if subject is None:
-                continue
-            hit = next(((j, q.text, edits) for j in range(i) for q in timeline.segments[j].prompts
-                        for edits in [pt.subject_edits(q.text, p.text, max_edit_words=settings.max_edit_words)]
-                        if edits), None)
-            if hit is None:
-                continue
-            j, old_text, edits = hit
-            out.append(Finding(
-                i, "description_drift", "warn",
-                f"describes its subject differently from segment {j}: '{pt.mark_edits(subject, edits)}'",
-                f"keep the description word for word as in segment {j}: '{pt.subject_phrase(old_text)}'", k,
-                pt.copy_description(old_text, p.text), other=j))
+    for i, k, p, subject in _each_prompt(timeline, pt.subject_phrase):
+        hit = next(((j, q.text, edits) for j in range(i) for q in timeline.segments[j].prompts
+                    for edits in [pt.subject_edits(q.text, p.text, max_edit_words=settings.max_edit_words)]
+                    if edits), None)
+        if hit is None:
+            continue
+        j, old_text, edits = hit
+        out.append(Finding(
+            i, "description_drift", "warn",
+            f"describes its subject differently from segment {j}: '{pt.mark_edits(subject, edits)}'",
+            f"keep the description word for word as in segment {j}: '{pt.subject_phrase(old_text)}'", k,
+            pt.copy_description(old_text, p.text), other=j))
     return out
 
 
