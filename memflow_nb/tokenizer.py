@@ -42,7 +42,12 @@ class Tokenizer:
                                     + ("" if file.parent.is_dir() else " (the folder does not exist)"))
         import tokenizers
 
-        tok = tokenizers.Tokenizer.from_file(str(file))
+        try:
+            tok = tokenizers.Tokenizer.from_file(str(file))
+        except Exception as e:  # the Rust library raises a bare Exception ("EOF while parsing ...")
+            raise ValueError(f"{file} is not a tokenizer.json that the tokenizers library can read "
+                             f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); download "
+                             "google/umt5-xxl/tokenizer.json again (README, section 'Weights')") from None
         # We truncate and pad ourselves, so that truncation can be counted and reported.
         tok.no_truncation()
         tok.no_padding()

@@ -52,3 +52,13 @@ def test_a_pickle_that_calls_os_system_is_unsafe_and_never_suggests_an_unsafe_lo
     with pytest.raises(UnsafeCheckpoint, match="system") as err:
         read_checkpoint(path)
     assert "weights_only=False" not in str(err.value) and str(path) in str(err.value)
+
+
+@pytest.mark.parametrize("content", [b"", b"not json at all", b'{"hello": "world"}'])
+def test_a_broken_tokenizer_json_is_named(tmp_path, content):
+    from memflow_nb.tokenizer import Tokenizer
+
+    (tmp_path / "tokenizer.json").write_bytes(content)
+    with pytest.raises(ValueError, match="tokenizer.json is not a tokenizer.json") as err:
+        Tokenizer(tmp_path)
+    assert str(tmp_path) in str(err.value)
