@@ -62,3 +62,17 @@ def test_a_broken_tokenizer_json_is_named(tmp_path, content):
     with pytest.raises(ValueError, match="tokenizer.json is not a tokenizer.json") as err:
         Tokenizer(tmp_path)
     assert str(tmp_path) in str(err.value)
+
+
+@pytest.mark.parametrize("content, message", [
+    ({"generator": [torch.zeros(2)]}, "'generator' entry is a list, not a dict of named tensors"),
+    ({"generator": {3: torch.zeros(2)}}, "keys that are not parameter names"),
+])
+def test_a_generator_entry_of_the_wrong_kind_is_named(tmp_path, content, message):
+    from memflow_nb.weights import KeyMismatch
+    from memflow_nb.weights.dit import dit_state_dict
+
+    path = tmp_path / "base.pt"
+    torch.save(content, path)
+    with pytest.raises(KeyMismatch, match=message):
+        dit_state_dict(read_checkpoint(path), source=path)

@@ -49,12 +49,19 @@ def dit_state_dict(obj: dict, *, source="checkpoint", use_ema: bool = False) -> 
     if key is None:
         if obj and all(isinstance(v, Tensor) for v in obj.values()):
             sd = obj
+        elif any(k in obj for k in order):  # the entry is there but is no name -> tensor mapping
+            k = next(k for k in order if k in obj)
+            raise KeyMismatch(f"{source}: its {k!r} entry is a {type(obj[k]).__name__}, not a dict of named "
+                              "tensors. Pass MemFlow's base.pt or a Wan DiT state dict.")
         else:
             raise KeyMismatch(f"{source} has no 'generator' entry (top-level keys: {sorted(map(str, obj))[:SHOW]}). "
                               "Pass MemFlow's base.pt or a Wan DiT state dict.")
     else:
         sd = obj[key]
     out = {}
+    if any(not isinstance(k, str) for k in sd):
+        raise KeyMismatch(f"{source}: the {key or 'state dict'} has keys that are not parameter names "
+                          f"({sorted(repr(k) for k in sd if not isinstance(k, str))[:SHOW]}). Is it the right file?")
     for k, v in tensors_only(sd, source, "generator").items():
         name = k.replace("_fsdp_wrapped_module.", "").removeprefix("model.")
         if name in out:
