@@ -27,7 +27,8 @@ from .engine.model import CausalWanModel
 from .fast.fp8 import to_fp8
 from .lora_stack import add_loras
 from .precision import DtypeLike
-from .text_encoder import PromptEncoder, T5Config, Tokenizer, UMT5Encoder
+from .prompt_encoder import PromptEncoder
+from .text_encoder import T5Config, Tokenizer, UMT5Encoder
 from .weights import fetch_weights, load_dit, load_vae, random_module
 from .weights.text import TextEncoderPlacement, load_text_encoder
 

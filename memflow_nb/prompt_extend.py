@@ -19,7 +19,6 @@ from .prompt_text import CountsTokens, truncate_to_tokens
 
 # A 0.5B instruction-tuned model: about 1 GB of float32 weights, a few seconds per prompt on a CPU.
 DEFAULT_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
-DEFAULT_REVISION = None  # the hub's main branch; pass a commit hash to pin one
 _FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]  # config, weights, tokenizer
 
 ADVICE = """You write prompts for MemFlow, a text-to-video model. It reads each prompt on its own, \
@@ -97,7 +96,7 @@ def _folder(model: str, revision: Optional[str], cache_dir: Optional[str]) -> Pa
 
 
 @functools.lru_cache(maxsize=1)  # the last model stays loaded; load_extender.cache_clear() frees it
-def load_extender(model: str = DEFAULT_MODEL, revision: Optional[str] = DEFAULT_REVISION, *,
+def load_extender(model: str = DEFAULT_MODEL, revision: Optional[str] = None, *,
                   device: str = "cpu", cache_dir: Optional[str] = None) -> PromptExtender:
     """Load a causal language model and its tokenizer in float32 on ``device``.
 
@@ -116,7 +115,7 @@ def load_extender(model: str = DEFAULT_MODEL, revision: Optional[str] = DEFAULT_
 
 
 def extend_prompt(text: str, *, previous: Optional[str] = None, model: str = DEFAULT_MODEL,
-                  revision: Optional[str] = DEFAULT_REVISION, max_new_tokens: int = 256,
+                  revision: Optional[str] = None, max_new_tokens: int = 256,
                   extender: Optional[PromptExtender] = None, tokenizer: Optional[CountsTokens] = None,
                   token_limit: int = ModelConfig.text_len, device: str = "cpu") -> str:
     """A longer prompt written from ``text`` by a small language model (greedy decoding, so the

@@ -45,7 +45,8 @@ from .errors import KeyMismatch, WeightsNotFound, readme
 from .files import read_checkpoint, safetensors_header, tensors_only
 from ..precision import BF16_CAPABILITY, cuda_capability, resolve_dtype
 from ..engine.checks import free_bytes as _free_bytes  # free memory of a device: CUDA's, or MemAvailable on the CPU
-from ..text_encoder import PromptEncoder, RelativeBias, RMSNorm, T5Config, Tokenizer, UMT5Encoder, Block, run_stack
+from ..prompt_encoder import PromptEncoder
+from ..text_encoder import Block, RelativeBias, RMSNorm, T5Config, Tokenizer, UMT5Encoder, run_stack
 
 __all__ = ["MODES", "TextEncoderPlacement", "text_encoder_dtype", "choose_mode", "text_encoder_placement",
            "TextEncoderFile", "encode_peak_bytes", "read_text_encoder_file", "BlockwiseEncoder",
