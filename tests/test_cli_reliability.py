@@ -314,6 +314,26 @@ def test_errors_are_capped(tmp_path):
     assert len(e.value.errors) >= 100 and "more errors" in str(e.value) and len(str(e.value).splitlines()) == 22
 
 
+def test_too_many_segments_refused_before_any_is_validated(tmp_path, capsys):
+    # Every block is also invalid: one error (the count) shows that none of them was validated.
+    from memflow_nb.timeline.model import MAX_SEGMENTS
+
+    blocks = [{"startTime": i, "endTime": i, "prompts": [{"text": "", "weight": "x"}]} for i in range(MAX_SEGMENTS + 1)]
+    path = tmp_path / "huge.json"
+    path.write_text(json.dumps({"version": "2.1", "prompts": blocks}))
+    with pytest.raises(TimelineError) as e:
+        Timeline.from_scope_json(path)
+    assert e.value.errors == [("prompts", e.value.errors[0][1])] and f"{MAX_SEGMENTS + 1:,} segments" in str(e.value)
+    rc, err = cli(capsys, *tiny(path, tmp_path / "v.mp4"))
+    assert rc == 2 and len(err) == 1 and "at most" in err[0]
+    segs = [{"start": i, "end": i, "prompts": [{"text": ""}]} for i in range(MAX_SEGMENTS + 1)]
+    with pytest.raises(TimelineError) as e:
+        Timeline(segments=segs, unit="chunks")
+    assert len(e.value.errors) == 1 and e.value.errors[0][0] == "segments"
+    assert Timeline(segments=[{"start": i, "end": i + 1, "prompts": ["a"]} for i in range(MAX_SEGMENTS)],
+                    unit="chunks").num_chunks == MAX_SEGMENTS
+
+
 @pytest.mark.parametrize("kind", ["folder", "loop"])
 def test_folder_or_link_loop_is_not_no_such_file(kind, tmp_path, capsys):
     path = tmp_path / "t.json"

@@ -19,7 +19,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .clock import CHUNK_FRAMES, time_of_chunk
-from .model import ScopeOrigin, Timeline, TimelineError, as_timeline_error
+from .model import ScopeOrigin, Timeline, TimelineError, as_timeline_error, too_many_segments
 
 SCOPE_VERSIONS = ("1.0", "2.0", "2.1")
 PIPELINE_ID = "memflow"  # Scope's id for this model; files for other pipelines load with a warning
@@ -34,6 +34,9 @@ def read_scope_json(source: Union[dict, str, Path]) -> Timeline:
     ``prompts`` falls back to its ``text`` (weight 1). Error paths use Scope's names.
     """
     data = _load_json(source)
+    why = too_many_segments(data.get("prompts")) if isinstance(data, dict) else None
+    if why:
+        raise TimelineError([("prompts", why)])  # before any block is validated
     try:
         doc = _ScopeFile.model_validate(data)
     except ValidationError as e:
