@@ -108,6 +108,65 @@ def test_2400_frame_stream_with_flat_memory():
     assert max(live[10:]) - min(live[3:10]) < 256 * 2 ** 10, f"live tensor memory grows: {live}"
 
 
+CLI_RUN = textwrap.dedent("""
+    import json, resource, sys
+    import memflow_nb.engine.model as model_mod
+    from memflow_nb.cli import main
+    rope, top = model_mod.rope_cos_sin, [0]
+
+    def spy(head_dim, frame_start, f, *args, **kw):  # the highest RoPE row the run asks for
+        top[0] = max(top[0], frame_start + f)
+        return rope(head_dim, frame_start, f, *args, **kw)
+
+    model_mod.rope_cos_sin = spy
+    rc = main(sys.argv[1:])
+    print(json.dumps({"rc": rc, "top": top[0], "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+""")
+
+
+def cli_stream(frames, out):
+    """(The spy's report: exit status, highest RoPE row, peak resident KiB; the CLI's output) of a tiny-model run of ``frames`` video frames,
+    in a fresh process so the peak is this run's own."""
+    root = Path(__file__).parent.parent
+    r = subprocess.run([sys.executable, "-c", CLI_RUN, "generate", str(root / "data" / "timeline_lighthouse.scope.json"),
+                        "-o", str(out), "--model", "tiny", "--frames", str(frames), "--no-progress"],
+                       capture_output=True, text=True, timeout=900, cwd=str(root))
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    assert result["rc"] == 0, r.stderr
+    return result, r.stdout
+
+
+def read_video(path):
+    """(frame count, width, height, the last frame) of a video, every frame decoded by ffmpeg."""
+    import imageio_ffmpeg
+
+    reader = imageio_ffmpeg.read_frames(str(path))
+    meta = next(reader)
+    (w, h), count, last = meta["size"], 0, None
+    for frame in reader:
+        assert len(frame) == w * h * 3
+        count, last = count + 1, frame
+    return count, w, h, np.frombuffer(last, np.uint8)
+
+
+@pytest.mark.slow
+def test_ten_minute_cli_stream_rebases_at_the_real_table_with_flat_memory(tmp_path):
+    """9,600 video frames (600 s at 16 fps, 2,400 latent frames) through the CLI on the tiny model,
+    whose RoPE table has the real 1,024 rows: positions are re-based (never past the table), peak
+    memory stays within 10 % of a 2,400-frame run, and every frame is written and readable."""
+    short, _ = cli_stream(2400, tmp_path / "short.mp4")
+    long, said = cli_stream(9600, tmp_path / "long.mp4")
+    # The short run stays below the table; the long one comes within two chunks of its end and never passes it.
+    assert short["top"] < 1024 - 6 < long["top"] <= 1024, (short["top"], long["top"])
+    assert long["peak"] <= 1.10 * short["peak"], f"peak memory grows: {short['peak']} -> {long['peak']} KiB"
+    count, w, h, last = read_video(tmp_path / "long.mp4")
+    chunks = -(-(9600 - 9) // 12) + 1  # chunk 0 makes 9 frames, every later one 12
+    assert count == 9 + 12 * (chunks - 1) >= 9600 and (w, h) == (112, 64)
+    assert last.std() > 0  # the last chunk is a picture, not a blank frame
+    assert f"{count} frames" in said and f"{chunks} chunks" in said
+
+
 # -- interrupts -------------------------------------------------------------------------------------
 
 class Interrupter:
