@@ -274,11 +274,17 @@ def test_dit_variants_ema_fsdp_alpha_and_config(tmp_path, hub_dir):
         load_dit(hub_dir[0] / MF / "base.pt", use_ema=True)
     bf16 = load_dit(tmp_path / "ema.pt", dtype=torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 for p in bf16.parameters())
-    # a size that matches no preset needs the head count
+    # one shape off a preset: the key it is read from is named, as a KeyMismatch
     other = {k: v for k, v in tiny_dit_weights().items()}
     other["blocks.0.ffn.0.weight"] = torch.zeros(96, 64)
-    with pytest.raises(ValueError, match="num_heads"):
+    with pytest.raises(KeyMismatch, match=r"blocks\.0\.ffn\.0\.weight .*ffn_dim=96.*'tiny' preset has 128") as ei:
         infer_dit_config(other)
+    assert ei.value.mismatched == ["blocks.0.ffn.0.weight"] and "num_heads" in str(ei.value)
+    # a size that matches no preset at all needs the head count
+    other["patch_embedding.weight"] = torch.zeros(7, 5, 1, 3, 3)
+    with pytest.raises(ValueError, match="match no preset.*num_heads") as ei:
+        infer_dit_config(other)
+    assert not isinstance(ei.value, KeyMismatch)
     assert infer_dit_config(base, num_heads=8).num_heads == 8
 
 

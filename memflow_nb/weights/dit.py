@@ -99,10 +99,41 @@ def infer_dit_config(sd: Mapping[str, Tensor], *, num_heads: int | None = None, 
     if num_heads is None:
         same = [p for p in MODEL_PRESETS.values() if all(getattr(p, k) == v for k, v in shapes.items())]
         if not same:
-            raise ValueError(f"{source}: the weight shapes ({shapes}) match no preset, so the head count is "
-                             "unknown; pass config=ModelConfig(..., num_heads=...)")
+            raise _no_preset_error(shapes, sd, source)
         num_heads = same[0].num_heads
     return ModelConfig(num_heads=num_heads, **shapes)
+
+
+# Where infer_dit_config reads each shape field: (key, which dimensions).
+_SHAPE_SOURCES = {"dim": ("patch_embedding.weight", "dim 0"), "in_dim": ("patch_embedding.weight", "dim 1"),
+                  "patch_size": ("patch_embedding.weight", "dims 2+"), "ffn_dim": ("blocks.0.ffn.0.weight", "dim 0"),
+                  "text_dim": ("text_embedding.0.weight", "dim 1"), "freq_dim": ("time_embedding.0.weight", "dim 1"),
+                  "num_layers": ("blocks.N.*", "how many"), "out_dim": ("head.head.weight", "dim 0 / patch volume")}
+
+
+def _no_preset_error(shapes: dict, sd: Mapping[str, Tensor], source: str) -> ValueError:
+    """The error for shapes that match no preset: when all but one or two fields match a preset, the
+    keys those fields come from are named as a KeyMismatch (a damaged or edited file is likelier than
+    a new model size); otherwise the head count is asked for."""
+    def differing(preset):
+        return [k for k, v in shapes.items() if getattr(preset, k) != v]
+
+    name, preset = min(MODEL_PRESETS.items(), key=lambda item: len(differing(item[1])))
+    off = differing(preset)
+    ask = "if it is a model of another size, pass config=ModelConfig(..., num_heads=...)"
+    if len(off) > 2:
+        return ValueError(f"{source}: the weight shapes ({shapes}) match no preset, so the head count is unknown; "
+                          f"{ask}")
+    keys = [_SHAPE_SOURCES[k][0] for k in off]
+    said = "; ".join(f"{_SHAPE_SOURCES[k][0]} ({_SHAPE_SOURCES[k][1]}) gives {k}={shapes[k]}, "
+                     f"the {name!r} preset has {getattr(preset, k)}" + _shape_of(sd, _SHAPE_SOURCES[k][0])
+                     for k in off)
+    return KeyMismatch(f"{source}: every other shape is the {name!r} preset's, but {said}. Is the file damaged "
+                       f"or edited? {ask[0].upper() + ask[1:]}", mismatched=keys)
+
+
+def _shape_of(sd: Mapping[str, Tensor], key: str) -> str:
+    return f" (shape {list(sd[key].shape)})" if key in sd else ""
 
 
 def merge_lora(sd: Mapping[str, Tensor], lora: Mapping[str, Tensor], *, alpha: float | None = None,
