@@ -112,3 +112,12 @@ class Checkpoints:
 
     def __len__(self) -> int:
         return len(self._store)
+
+    def __repr__(self) -> str:
+        """What is kept, and what will be: the schedule, the cap, where, how many and how much."""
+        kept = self.chunks()
+        span = "none" if not kept else f"chunks {kept[0]}" + (f", {kept[1]}..{kept[-1]}" if len(kept) > 1 else "")
+        cap = "no limit" if self.max_count is None else f"at most {self.max_count} besides chunk 0's"
+        where = "on the model's device" if self.device is None else f"on {self.device}"
+        return (f"Checkpoints(every {self.every} chunk{'s' * (self.every != 1)}, {cap}, {where}: "
+                f"{len(kept)} kept, {span}, {self.nbytes() / 2 ** 20:.1f} MiB)")

@@ -87,6 +87,25 @@ def test_checkpoint_cost_is_about_one_chunk_each(pipe):
     assert 0 < ck3.nbytes() < ck1.nbytes()
 
 
+def test_auto_checkpoints_keep_flat_memory_in_an_endless_stream_and_say_what_they_keep(pipe):
+    from memflow_nb.checkpoints import DEFAULT_MAX_COUNT
+
+    ckpts = Checkpoints.auto(pipe)
+    cap = ckpts.max_count
+    assert cap is not None and 0 < cap <= DEFAULT_MAX_COUNT
+    # One prompt: checkpoints that straddle a switch also hold both prompts' text keys (bounded by the cap too).
+    tl = chunk_timeline(A, chunks_each=3 * cap * ckpts.every, height=32, width=32)
+    sizes = []
+    for chunk in generate(pipe, tl, checkpoints=ckpts, progress=False):
+        sizes.append((len(ckpts), ckpts.nbytes()))
+    last = len(sizes) // ckpts.every * ckpts.every  # the boundary after the last chunk made
+    assert ckpts.chunks() == [0] + list(range(last - (cap - 1) * ckpts.every, last + 1, ckpts.every))
+    at_cap = next(i for i, (n, _) in enumerate(sizes) if n == cap + 1)
+    assert max(b for _, b in sizes[at_cap:]) <= 1.05 * sizes[at_cap][1], "checkpoint memory grows"
+    said = repr(ckpts)
+    assert f"at most {cap} besides chunk 0's" in said and f"{cap + 1} kept" in said and f"chunks 0, " in said
+
+
 def test_video_files_roundtrip(tmp_path):
     frames = (np.random.default_rng(0).random((21, 32, 48, 3)) * 255).astype(np.uint8)
     write_video(tmp_path / "a.mp4", frames)
