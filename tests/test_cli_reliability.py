@@ -127,6 +127,14 @@ def test_checkpoint_errors_are_one_line(error, tmp_path, timeline_file, capsys, 
     assert not (tmp_path / "v.mp4").exists()
 
 
+def test_an_unforeseen_error_is_one_line_with_the_way_to_see_more(tmp_path, timeline_file, capsys, monkeypatch):
+    import memflow_nb.pipeline as pipeline_mod
+
+    monkeypatch.setattr(pipeline_mod, "load", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+    rc, err = cli(capsys, *tiny(timeline_file, tmp_path / "v.mp4"))
+    assert rc == 1 and err == ["error: RuntimeError: boom (run with --debug for the full traceback)"]
+
+
 def test_debug_shows_the_traceback(tmp_path, timeline_file, monkeypatch):
     import memflow_nb.pipeline as pipeline_mod
     from memflow_nb.weights.errors import WeightsCorrupt
