@@ -12,6 +12,11 @@ encoding included), steady frames/s, peak GPU (allocated and reserved) and peak 
 (resident set, sampled every 20 ms) next to the plan's predictions. Host memory is measured, not
 capped: a CUDA process cannot run under an address-space limit.
 
+`--modes eager,exact,fast,fast+tae` runs the same user path after `memflow_nb.fast.optimize(pipe, mode)`
+(`fast+tae`: fast mode previewing with a random full-size TAE decoder); a warm-up run of `--warm-chunks`
+chunks (compilation, CUDA graphs) comes first and is reported apart. `--gpu h200` is the whole card:
+    python -m memflow_nb.bench_small_gpu --files /tmp/mf --gpu h200 --sizes 480x832,320x576 --modes exact,fast,fast+tae
+
 `--numerics` also replays the golden cases in fp16 and bf16 on the GPU against the official fp32
 latents, and the umT5 golden in fp16 with Wan's overflow guard on and off.
 """
@@ -80,7 +85,26 @@ class PeakRSS:
         self._thread.join()
 
 
-def run_one(files: str, card: str, height: int, width: int, chunks: int) -> dict:
+MODES = ("eager", "exact", "fast", "fast+tae")
+
+
+def speed_mode(pipe, mode: str):
+    """`pipe` in a bench mode: as loaded (eager), or through `memflow_nb.fast.optimize`."""
+    if mode == "eager":
+        return pipe
+    from .bench import random_module
+    from .decode.tae import TAEConfig, TAEDecoder
+    from .fast import optimize
+
+    tae = None
+    if mode == "fast+tae":
+        p = next(pipe.model.parameters())
+        tae = random_module(lambda: TAEDecoder(TAEConfig()), p.device, p.dtype, seed=2)
+    return optimize(pipe, mode.removesuffix("+tae"), tae=tae)
+
+
+def run_one(files: str, card: str, height: int, width: int, chunks: int, mode: str = "eager",
+            warm_chunks: int = 3) -> dict:
     """One configuration, in this process (call it in a fresh one)."""
     import memflow_nb as mf
     from .hardware import PRESETS
@@ -89,7 +113,7 @@ def run_one(files: str, card: str, height: int, width: int, chunks: int) -> dict
     hw = PRESETS[card]
     total = torch.cuda.get_device_properties(0).total_memory
     torch.cuda.set_per_process_memory_fraction(min(1.0, hw.gpu_bytes / total))
-    out = {"card": card, "height": height, "width": width, "chunks": chunks}
+    out = {"card": card, "height": height, "width": width, "chunks": chunks, "mode": mode}
     tl = six_prompt_timeline(chunks)
     with PeakRSS() as rss:
         t0 = time.perf_counter()
@@ -104,6 +128,14 @@ def run_one(files: str, card: str, height: int, width: int, chunks: int) -> dict
         out.update(refused=False, dtype=str(plan.dtype), text_encoder=plan.text_encoder_device,
                    vae_per_frame=plan.vae_per_frame, plan_peak_gpu_gb=plan.peak_gpu_bytes / 1e9,
                    plan_peak_host_gb=plan.peak_host_bytes / 1e9)
+        pipe = speed_mode(pipe, mode)
+        if mode != "eager":  # compilation and graph capture, reported apart from the timed run
+            t0 = time.perf_counter()
+            for _ in mf.generate(pipe, tl, seed=0, height=height, width=width, num_chunks=warm_chunks,
+                                 checkpoints=mf.Checkpoints.auto(pipe), progress=False):
+                pass
+            torch.cuda.synchronize()
+            out["warm_up_s"] = time.perf_counter() - t0
         times, frames = [], []
         t1 = time.perf_counter()
         try:
@@ -175,27 +207,34 @@ def main(argv=None) -> int:
     p.add_argument("--gpu", default="t4,l4,24gb", help="cards of memflow_nb.hardware.PRESETS")
     p.add_argument("--sizes", default="480x832,320x576", help="HEIGHTxWIDTH,...")
     p.add_argument("--chunks", type=int, default=8)
+    p.add_argument("--modes", default="eager", help=f"comma list of {', '.join(MODES)}")
+    p.add_argument("--warm-chunks", type=int, default=3, help="untimed chunks first in modes other than eager")
     p.add_argument("--numerics", action="store_true")
     p.add_argument("--json", type=Path, help="write the results here too")
     p.add_argument("--one", help=argparse.SUPPRESS)  # card:HxW, run in this process (the child)
     args = p.parse_args(argv)
+    modes = args.modes.split(",")
+    if unknown := [m for m in modes if m not in MODES]:
+        p.error(f"--modes: unknown {unknown}; use {', '.join(MODES)}")
     if args.one:
-        card, size = args.one.split(":")
+        card, size, mode = args.one.split(":")
         h, w = (int(v) for v in size.split("x"))
-        print("RESULT " + json.dumps(run_one(args.files, card, h, w, args.chunks)), flush=True)
+        print("RESULT " + json.dumps(run_one(args.files, card, h, w, args.chunks, mode, args.warm_chunks)), flush=True)
         return 0
     results = []
     for card in args.gpu.split(","):
         for size in args.sizes.split(","):
-            cmd = [sys.executable, "-m", "memflow_nb.bench_small_gpu", "--files", args.files, "--chunks",
-                   str(args.chunks), "--one", f"{card}:{size}"]
-            r = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
-            lines = [line for line in r.stdout.splitlines() if line.startswith("RESULT ")]
-            row = json.loads(lines[-1][7:]) if lines else {"card": card, "size": size, "error": r.stderr[-2000:]}
-            print(json.dumps(row), flush=True)
-            results.append(row)
-            if args.json:
-                args.json.write_text(json.dumps({"runs": results}, indent=1))
+            for mode in modes:
+                cmd = [sys.executable, "-m", "memflow_nb.bench_small_gpu", "--files", args.files, "--chunks",
+                       str(args.chunks), "--warm-chunks", str(args.warm_chunks), "--one", f"{card}:{size}:{mode}"]
+                r = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
+                lines = [line for line in r.stdout.splitlines() if line.startswith("RESULT ")]
+                row = json.loads(lines[-1][7:]) if lines else {"card": card, "size": size, "mode": mode,
+                                                                "error": r.stderr[-2000:]}
+                print(json.dumps(row), flush=True)
+                results.append(row)
+                if args.json:
+                    args.json.write_text(json.dumps({"runs": results}, indent=1))
     out = {"runs": results}
     if args.numerics:
         out["numerics"] = numerics(Path(__file__).resolve().parent.parent / "tests" / "data")
