@@ -104,7 +104,7 @@ def speed_mode(pipe, mode: str):
 
 
 def run_one(files: str, card: str, height: int, width: int, chunks: int, mode: str = "eager",
-            warm_chunks: int = 3) -> dict:
+            warm_chunks: int = 11) -> dict:
     """One configuration, in this process (call it in a fresh one)."""
     import memflow_nb as mf
     from .hardware import PRESETS
@@ -136,13 +136,14 @@ def run_one(files: str, card: str, height: int, width: int, chunks: int, mode: s
                 pass
             torch.cuda.synchronize()
             out["warm_up_s"] = time.perf_counter() - t0
-        times, frames = [], []
+        times, frames, switched = [], [], []
         t1 = time.perf_counter()
         try:
             for ch in mf.generate(pipe, tl, seed=0, height=height, width=width, num_chunks=chunks,
                                   checkpoints=mf.Checkpoints.auto(pipe), progress=False):
                 times.append(time.perf_counter())
                 frames.append(ch.frames.shape[0])
+                switched.append(ch.switched)
                 if not bool(torch.isfinite(ch.latents).all()):
                     out["non_finite_chunk"] = ch.index
         except torch.cuda.OutOfMemoryError as e:
@@ -150,6 +151,10 @@ def run_one(files: str, card: str, height: int, width: int, chunks: int, mode: s
         out["first_chunk_s"] = (times[0] - t1) if times else None
         if len(times) > 2:
             out["steady_fps"] = sum(frames[2:]) / (times[-1] - times[1])
+            # Chunks where the prompt switches also re-cache the context: the rest, apart.
+            calm = [i for i in range(2, len(times)) if not switched[i]]
+            out["fps_between_switches"] = sum(frames[i] for i in calm) / sum(times[i] - times[i - 1] for i in calm)
+            out["slowest_chunk_s"] = max(b - a for a, b in zip(times[1:], times[2:]))
     out["peak_gpu_allocated_gb"] = torch.cuda.max_memory_allocated() / 1e9
     out["peak_gpu_reserved_gb"] = torch.cuda.max_memory_reserved() / 1e9
     out["peak_host_rss_gb"] = rss.peak_rss / 1e9
@@ -208,7 +213,8 @@ def main(argv=None) -> int:
     p.add_argument("--sizes", default="480x832,320x576", help="HEIGHTxWIDTH,...")
     p.add_argument("--chunks", type=int, default=8)
     p.add_argument("--modes", default="eager", help=f"comma list of {', '.join(MODES)}")
-    p.add_argument("--warm-chunks", type=int, default=3, help="untimed chunks first in modes other than eager")
+    p.add_argument("--warm-chunks", type=int, default=11,
+                   help="untimed chunks first in modes other than eager (11: bank full, every pass shape captured)")
     p.add_argument("--numerics", action="store_true")
     p.add_argument("--json", type=Path, help="write the results here too")
     p.add_argument("--one", help=argparse.SUPPRESS)  # card:HxW, run in this process (the child)

@@ -7,8 +7,9 @@ bit for bit; `Checkpoints` keeps some of them while generating.
 from __future__ import annotations
 
 import dataclasses
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 
@@ -52,12 +53,39 @@ class Checkpoint:
 DEFAULT_MAX_COUNT = 64  # checkpoints kept besides chunk 0's when no plan says how many fit
 
 
+def cuda_device(ck: Checkpoint) -> Optional[torch.device]:
+    """The CUDA device `ck`'s tensors are on, or None (all on the CPU)."""
+    return next((t.device for t in ck.tensors() if t.is_cuda), None)
+
+
+def after_queued_work(device: torch.device) -> torch.cuda.Event:
+    """An event that passes once the work queued so far on `device`'s current stream is done."""
+    ready = torch.cuda.Event()
+    ready.record(torch.cuda.current_stream(device))
+    return ready
+
+
+def copy_to_host(ck: Checkpoint, device: torch.device, ready: torch.cuda.Event) -> Checkpoint:
+    """`ck` with its tensors in pinned host memory, copied on a side CUDA stream of `device` once
+    `ready` (an event recorded after the work that made `ck`) has passed; returns when it is done."""
+    with torch.cuda.device(device):
+        stream = torch.cuda.Stream()
+        stream.wait_event(ready)
+        with torch.cuda.stream(stream):
+            host = ck.to("cpu")  # state_to copies device->host with non_blocking, into pinned memory
+        stream.synchronize()
+    return host
+
+
 class Checkpoints:
     """Checkpoints kept while generating: chunk 0 and every `every`-th chunk boundary.
 
     States share unchanged tensors, so keeping every boundary on the model's device costs about
     one chunk of keys/values per checkpoint; with `device="cpu"` they are copied off the GPU
-    (each then holds its own copy of the whole context). `resume` replays from the nearest one.
+    (each then holds its own copy of the whole context). That copy (gigabytes at 832x480) runs in a
+    background thread on its own CUDA stream while the next chunks compute; states are immutable,
+    so it reads what they held. `nearest` and `nbytes` wait for the copies they need.
+    `resume` replays from the nearest one.
     """
 
     def __init__(self, every: int = 1, device=None, max_count: Optional[int] = None):
@@ -66,7 +94,8 @@ class Checkpoints:
         if max_count is not None and (isinstance(max_count, bool) or not isinstance(max_count, int) or max_count < 0):
             raise ValueError(f"max_count={max_count!r} must be None (no limit) or an integer >= 0")
         self.every, self.device, self.max_count = every, device, max_count
-        self._store: dict[int, Checkpoint] = {}
+        self._store: dict[int, Union[Checkpoint, Future]] = {}
+        self._copier: Optional[ThreadPoolExecutor] = None  # one thread: host copies run in order
 
     @classmethod
     def auto(cls, pipe) -> "Checkpoints":
@@ -86,17 +115,36 @@ class Checkpoints:
         """Keep `ck` if it falls on the schedule (or `force`); past `max_count`, the oldest kept
         checkpoint after chunk 0 is dropped (resume then replays from an earlier one, bit-exact)."""
         if force or ck.chunk % self.every == 0:
-            self._store[ck.chunk] = ck.to(self.device) if self.device is not None else ck
+            self._store[ck.chunk] = self._moved(ck)
             later = sorted(k for k in self._store if k > 0)
             while self.max_count is not None and len(later) > self.max_count:
                 del self._store[later.pop(0)]
 
+    def _moved(self, ck: Checkpoint) -> Union[Checkpoint, Future]:
+        """`ck` on this store's device: at once, or (GPU -> host) a Future of the background copy."""
+        if self.device is None:
+            return ck
+        target = torch.device(self.device)
+        gpu = cuda_device(ck)
+        if target.type != "cpu" or gpu is None:
+            return ck.to(target)
+        ready = after_queued_work(gpu)
+        if self._copier is None:
+            self._copier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="memflow-checkpoint")
+        return self._copier.submit(copy_to_host, ck, gpu, ready)
+
+    def _get(self, chunk: int) -> Checkpoint:
+        kept = self._store[chunk]
+        if isinstance(kept, Future):
+            kept = self._store[chunk] = kept.result()  # a failed copy raises here, where it is needed
+        return kept
+
     def nearest(self, chunk: int) -> Checkpoint:
-        """The kept checkpoint with the largest chunk <= `chunk`."""
+        """The kept checkpoint with the largest chunk <= `chunk` (waits for its host copy if still running)."""
         keys = [k for k in self._store if k <= chunk]
         if not keys:
             raise KeyError(f"no checkpoint at or before chunk {chunk}")
-        return self._store[max(keys)]
+        return self._get(max(keys))
 
     def truncate(self, chunk: int) -> None:
         """Forget checkpoints after `chunk` (they belong to a branch being replaced)."""
@@ -108,7 +156,7 @@ class Checkpoints:
 
     def nbytes(self) -> int:
         """Bytes held by all checkpoints, shared storage counted once."""
-        return tensor_bytes(t for ck in self._store.values() for t in ck.tensors())
+        return tensor_bytes(t for k in list(self._store) for t in self._get(k).tensors())
 
     def __len__(self) -> int:
         return len(self._store)

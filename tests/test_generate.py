@@ -1,4 +1,5 @@
 """Front end: streaming generate, fork/resume, video files and the CLI, on the tiny pipeline."""
+import dataclasses
 import json
 import subprocess
 import sys
@@ -104,6 +105,37 @@ def test_auto_checkpoints_keep_flat_memory_in_an_endless_stream_and_say_what_the
     assert max(b for _, b in sizes[at_cap:]) <= 1.05 * sizes[at_cap][1], "checkpoint memory grows"
     said = repr(ckpts)
     assert f"at most {cap} besides chunk 0's" in said and f"{cap + 1} kept" in said and f"chunks 0, " in said
+
+
+def test_host_copies_run_in_the_background_and_are_waited_for_where_needed(pipe, monkeypatch):
+    # The GPU -> host path on the CPU: the copy is a slow function in the store's thread.
+    import threading
+
+    import memflow_nb.checkpoints as ck_mod
+
+    chunks = list(generate(pipe, timeline(A), num_chunks=3, progress=False))
+    release, threads = threading.Event(), []
+
+    def slow_copy(ck, device, ready):
+        threads.append(threading.current_thread().name)
+        assert release.wait(10)
+        if ck.chunk == 2:
+            raise RuntimeError("pinned memory exhausted")
+        return dataclasses.replace(ck, seed=ck.seed)  # a copy
+
+    monkeypatch.setattr(ck_mod, "cuda_device", lambda ck: torch.device("cpu"))
+    monkeypatch.setattr(ck_mod, "after_queued_work", lambda device: None)
+    monkeypatch.setattr(ck_mod, "copy_to_host", slow_copy)
+    store = Checkpoints(every=1, device="cpu")
+    for ch in chunks[:2]:
+        store.add(ch.checkpoint())  # returns while the copy waits
+    assert store.chunks() == [1, 2] and len(store) == 2
+    release.set()
+    got = store.nearest(1)
+    assert got.chunk == 1 and threads[0].startswith("memflow-checkpoint")
+    assert torch.equal(got.state.history, chunks[0].state.history)
+    with pytest.raises(RuntimeError, match="pinned memory"):
+        store.nearest(2)
 
 
 def test_video_files_roundtrip(tmp_path):
