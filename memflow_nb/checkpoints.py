@@ -65,16 +65,36 @@ def after_queued_work(device: torch.device) -> torch.cuda.Event:
     return ready
 
 
+STAGING_BYTES = 64 * 2 ** 20  # the pinned buffer a host copy goes through, piece by piece
+
+
 def copy_to_host(ck: Checkpoint, device: torch.device, ready: torch.cuda.Event) -> Checkpoint:
-    """`ck` with its tensors in pinned host memory, copied on a side CUDA stream of `device` once
-    `ready` (an event recorded after the work that made `ck`) has passed; returns when it is done."""
+    """`ck` with its tensors in ordinary host memory, copied on a side CUDA stream of `device` once
+    `ready` (an event recorded after the work that made `ck`) has passed; returns when it is done.
+
+    The engine state goes through one small pinned buffer: pinning gigabytes per checkpoint
+    (what a non-blocking ``Tensor.to("cpu")`` does) stalled the GPU's other work for seconds."""
     with torch.cuda.device(device):
         stream = torch.cuda.Stream()
         stream.wait_event(ready)
+        staging = torch.empty(STAGING_BYTES, dtype=torch.uint8, pin_memory=True)
+
+        def move(t: torch.Tensor) -> torch.Tensor:
+            src = t.contiguous().view(-1).view(torch.uint8)
+            out = torch.empty(t.shape, dtype=t.dtype)
+            dst = out.view(-1).view(torch.uint8)
+            for i in range(0, src.numel(), STAGING_BYTES):
+                n = min(STAGING_BYTES, src.numel() - i)
+                staging[:n].copy_(src[i:i + n], non_blocking=True)
+                stream.synchronize()
+                dst[i:i + n].copy_(staging[:n])
+            return out
+
         with torch.cuda.stream(stream):
-            host = ck.to("cpu")  # state_to copies device->host with non_blocking, into pinned memory
+            state = state_to(ck.state, "cpu", move) if ck.state is not None else None
+            vae_state = ck.vae_state.to("cpu")  # small; a plain (pageable) copy on this stream
         stream.synchronize()
-    return host
+    return dataclasses.replace(ck, state=state, vae_state=vae_state)
 
 
 class Checkpoints:

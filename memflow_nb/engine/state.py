@@ -93,10 +93,11 @@ class State:
         return total
 
 
-def state_to(state: State, device) -> State:
+def state_to(state: State, device, move=None) -> State:
     """The same state with every tensor on `device` (tensors shared inside the state stay shared).
 
-    Small index tensors (bank frames and scores) stay on the CPU.
+    Small index tensors (bank frames and scores) stay on the CPU. ``move(tensor) -> tensor on
+    device`` replaces ``Tensor.to`` (the caller then owns synchronisation).
     """
     device = torch.device(device)
     memo: dict[int, torch.Tensor] = {}
@@ -105,7 +106,7 @@ def state_to(state: State, device) -> State:
         if t is None or t.device == device:
             return t
         if id(t) not in memo:
-            memo[id(t)] = t.to(device, non_blocking=device.type == "cpu" and t.is_cuda)
+            memo[id(t)] = move(t) if move is not None else t.to(device, non_blocking=device.type == "cpu" and t.is_cuda)
         return memo[id(t)]
 
     bank = state.memory
@@ -114,6 +115,6 @@ def state_to(state: State, device) -> State:
     new = dataclasses.replace(
         state, prompt_embeds=mv(state.prompt_embeds), text_kv=mv(state.text_kv),
         cache=tuple((f, mv(kv)) for f, kv in state.cache), memory=memory, history=mv(state.history))
-    if device.type == "cpu" and torch.cuda.is_available():
+    if move is None and device.type == "cpu" and torch.cuda.is_available():
         torch.cuda.synchronize()
     return new
