@@ -119,7 +119,9 @@ def load(name: str = "memflow", *, local_dir: str | os.PathLike | None = None, r
         # Growable segments instead of fixed blocks: a stream's tensors change size every chunk, and
         # with fixed blocks a 15 GB card ran out with 3.6 GB reserved but unusable (measured). A
         # process-wide allocator setting; set PYTORCH_CUDA_ALLOC_CONF yourself to choose another.
-        torch.cuda.memory._set_allocator_settings("expandable_segments:True")
+        # torch 2.13 moved the setter (the old name still works there, with a FutureWarning).
+        setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None) or torch.cuda.memory._set_allocator_settings
+        setter("expandable_segments:True")
     knobs = dict(height=height, width=width, hardware=hardware, fp8_dit=fp8_dit, vae_per_frame=vae_per_frame,
                  text_encoder_device=text_encoder_mode, text_encoder_dtype=text_encoder_dtype)
     if name == "tiny":
@@ -127,6 +129,9 @@ def load(name: str = "memflow", *, local_dir: str | os.PathLike | None = None, r
         pipe = _tiny(seed, device, plan.dtype)
         add_loras(pipe.model, loras)
         return dataclasses.replace(pipe, plan=plan)
+    if local_dir is None and text_encoder is None:
+        # The hub's files are the preset's shapes: refuse now, not after a 16 GB download.
+        plan_for_load(name, device, dtype, **knobs)
     paths = fetch_weights(local_dir, revision, progress=progress,
                           skip=("models_t5_umt5-xxl-enc-bf16.pth",) if text_encoder is not None else ())
     # The plan is made for the files found (their shapes, read from headers and the memory-mapped

@@ -176,6 +176,15 @@ def test_plan_for_load_refuses_an_impossible_case_before_loading():
     assert plan_for_load("memflow", "cuda", hardware=PRESETS["h200"]).fits
 
 
+def test_load_refuses_before_downloading(monkeypatch):
+    import memflow_nb.pipeline as pipeline_mod
+
+    monkeypatch.setattr(pipeline_mod, "fetch_weights", lambda *a, **k: pytest.fail("downloaded before refusing"))
+    small_gpu = Hardware("a 6 GB GPU", int(6 * GB), (8, 6), int(8 * GB))
+    with pytest.raises(PlanError, match="does not fit on a 6 GB GPU"):
+        pipeline_mod.load("memflow", device="cuda", hardware=small_gpu, height=480, width=832, progress=False)
+
+
 def test_auto_choices_text_encoder_and_per_frame_decode():
     h200 = plan(hardware=PRESETS["h200"])
     assert h200.fits and h200.text_encoder_device == "gpu" and not h200.vae_per_frame

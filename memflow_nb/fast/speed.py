@@ -69,7 +69,8 @@ def optimize_model(model, mode: str = "exact", *, graphs: Optional[bool] = None,
     """A `FastModel` wrapping `model` (unchanged) for a speed mode.
 
     graphs: replay DiT passes as CUDA graphs (default: on a CUDA model). They keep a workspace and
-        activation pools resident, about 10 GB at 832x480; pass False to stay near 16 GB.
+        activation pools resident: the peak through `generate` was 14 GB above the load-time plan at
+        832x480 and 5 GB at 576x320 (H200, BENCHMARKS.md); pass False on a card without that room.
     compile_options: keyword arguments for torch.compile of each block piece (default dynamic=False).
     Applies `settings.SPEED` process-wide (see settings.py for the inverse).
     """
