@@ -103,6 +103,18 @@ def tae_pipe(pipe):
     return dataclasses.replace(pipe, vae=make_tiny_tae())
 
 
+def run_in_chunks(chunk_fn, state, x, sizes):
+    """Feed ``x`` [B, T, ...] to ``chunk_fn(piece, state) -> (out, state)`` in pieces of ``sizes``
+    frames; returns (the outputs joined along T, each output's frame count, the last state)."""
+    assert sum(sizes) == x.shape[1]
+    outs, start = [], 0
+    for n in sizes:
+        out, state = chunk_fn(x[:, start:start + n], state)
+        outs.append(out)
+        start += n
+    return torch.cat(outs, dim=1), [o.shape[1] for o in outs], state
+
+
 def chunk_timeline(*prompts, chunks_each: int = 3, **settings):
     """A chunk-unit Timeline: one single-prompt segment of `chunks_each` chunks per prompt."""
     from memflow_nb.timeline.model import Timeline

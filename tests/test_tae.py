@@ -12,6 +12,7 @@ import torch
 
 import memflow_nb.decode.tae as tae_mod
 import memflow_nb.weights.download as download_mod
+from conftest import run_in_chunks
 from memflow_nb.decode import (TAEConfig, TAEDecoder, TAEDecodeState, decode_chunk, decode_video,
                                init_decode_state, to_uint8)
 from memflow_nb.decode.vae import WAN21_LATENT_MEAN, WAN21_LATENT_STD
@@ -93,13 +94,10 @@ def clip(tae):
 
 
 def _in_chunks(tae, latents, sizes):
-    state, outs, start = init_decode_state(tae), [], 0
-    for n in sizes:
-        px, state = decode_chunk(tae, latents[:, start:start + n], state)
-        outs.append(px)
-        start += n
+    pixels, counts, state = run_in_chunks(lambda z, st: decode_chunk(tae, z, st), init_decode_state(tae),
+                                          latents, sizes)
     assert state.latent_frames == latents.shape[1]
-    return torch.cat(outs, dim=1), [o.shape[1] for o in outs]
+    return pixels, counts
 
 
 def test_whole_clip_shape_range_and_not_degenerate(clip):

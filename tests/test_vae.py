@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import run_in_chunks
 from memflow_nb.decode import (VAEConfig, VAEDecodeState, WanVAEDecoder, decode_chunk, decode_video,
                                init_decode_state, to_uint8)
 from memflow_nb.weights import recipe_weights
@@ -22,13 +23,9 @@ SMALL = VAEConfig(dim=8)
 
 def _decode_in_chunks(vae, latents, sizes, **kw):
     """Decode latents [B, T, ...] in chunks of the given sizes; returns (pixels, per-chunk frame counts)."""
-    assert sum(sizes) == latents.shape[1]
-    state, outs, start = init_decode_state(vae), [], 0
-    for n in sizes:
-        px, state = decode_chunk(vae, latents[:, start:start + n], state, **kw)
-        outs.append(px)
-        start += n
-    return torch.cat(outs, dim=1), [o.shape[1] for o in outs]
+    pixels, counts, _ = run_in_chunks(lambda z, st: decode_chunk(vae, z, st, **kw), init_decode_state(vae),
+                                      latents, sizes)
+    return pixels, counts
 
 
 @pytest.fixture(scope="module")

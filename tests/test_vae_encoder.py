@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import run_in_chunks
 from memflow_nb.decode import VAEConfig, WanVAEDecoder, decode_video
 from memflow_nb.decode.encoder import (VAEEncodeState, WanVAEEncoder, encode_chunk, encode_video, init_encode_state,
                                        latent_frames, load_vae_encoder)
@@ -22,12 +23,9 @@ SMALL = VAEConfig(dim=8)
 
 
 def encode_in_chunks(encoder, pixels, sizes):
-    state, outs, start = init_encode_state(encoder), [], 0
-    for n in sizes:
-        lat, state = encode_chunk(encoder, pixels[:, start:start + n], state)
-        outs.append(lat)
-        start += n
-    return torch.cat(outs, dim=1), [o.shape[1] for o in outs]
+    latents, counts, _ = run_in_chunks(lambda x, st: encode_chunk(encoder, x, st), init_encode_state(encoder),
+                                       pixels, sizes)
+    return latents, counts
 
 
 @pytest.fixture(scope="module")
