@@ -97,7 +97,7 @@ def load(name: str = "memflow", *, local_dir: str | os.PathLike | None = None, r
     height, width: the video size to plan for (default 480x832; 64x112 for "tiny").
     hardware: a `memflow_nb.hardware.Hardware` to plan for instead of this machine's free memory.
     text_encoder: another umT5 file instead of Wan's bf16 `.pth` (which is then not downloaded),
-        e.g. Kijai's `umt5-xxl-enc-fp8_e4m3fn.safetensors` (6.7 GB; see memflow_nb.weights.text).
+        e.g. Kijai's `umt5-xxl-enc-fp8_e4m3fn.safetensors` (6.7 GB; see memflow_nb.weights.text_file).
     text_encoder_mode: "auto" (the plan picks: kept on the GPU when it fits, else streamed block by
         block from the memory-mapped file), "gpu", "streamed" or "cpu"; text_encoder_dtype likewise.
     fp8_dit: store the DiT's block linears in fp8 (compute capability 8.9+; changes the numbers).
@@ -163,7 +163,7 @@ def file_configs(paths, text_encoder=None) -> tuple[ModelConfig, T5Config, VAECo
     without loading a weight (base.pt is memory-mapped, the text encoder's header is read)."""
     from .weights import infer_dit_config, read_checkpoint
     from .weights.dit import dit_state_dict
-    from .weights.text import read_text_encoder_file
+    from .weights.text_file import read_text_encoder_file
 
     dit = infer_dit_config(dit_state_dict(read_checkpoint(paths.base), source=paths.base), source=paths.base)
     info, _ = read_text_encoder_file(text_encoder or paths.text_encoder)

@@ -11,8 +11,8 @@ per-layer relative position tables). Parameter names equal the Wan2.1 checkpoint
     emb = prompts(["a cat on a skateboard"])     # [1, 512, 4096], rows after </s> are 0
     prompts.offload()                             # free the 11 GB on the GPU
 
-Where the encoder lives (GPU, streamed block by block from its file, CPU) and the fp8 file:
-`memflow_nb.weights.text`.
+Where the encoder lives (GPU, streamed block by block from its file, CPU): `memflow_nb.weights.text`;
+its files (Wan's bf16 `.pth`, the fp8 `.safetensors`): `memflow_nb.weights.text_file`.
 """
 from __future__ import annotations
 

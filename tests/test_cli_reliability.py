@@ -194,7 +194,6 @@ def test_sigint_to_the_process_group(old_video, tmp_path, timeline_file):
     out = tmp_path / "v.mp4"
     if old_video:
         write_video(out, FRAMES)
-    before = out.read_bytes() if old_video else None
     env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
     cmd = [sys.executable, "-c", SIGINT_RUN, *map(str, tiny(timeline_file, out, "--height", 32, "--width", 32,
                                                             "--frames", 100_000))]

@@ -1,7 +1,6 @@
 """Tests for memflow_nb.prompt_coach (the prompt coach) and memflow_nb.prompt_text (its text analysis)."""
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 

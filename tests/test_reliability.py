@@ -94,7 +94,7 @@ def test_2400_frame_stream_with_flat_memory():
                        cwd=str(Path(__file__).parent.parent))
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout.strip().splitlines()[-1])
-    state_bytes, rss = out["state_bytes"], out["rss"]
+    state_bytes = out["state_bytes"]  # resident memory ("rss") is reported, not asserted (see below)
     assert out["frames"] == 2397  # 9 + 12 * 199; the next chunk takes it past 2,400
     assert out["offset"] > 0
     # The state cycles with the 3-chunk record period (which frames the bank keeps latents for)

@@ -16,8 +16,8 @@ from memflow_nb.live_bytes import LiveTensorBytes
 from memflow_nb.testing import recipe_weights
 from memflow_nb.text_encoder import T5Config, UMT5Encoder
 from memflow_nb.weights.text import (BlockwiseEncoder, TextEncoderPlacement, choose_mode, encode_peak_bytes,
-                                     load_text_encoder, read_text_encoder_file, text_encoder_dtype,
-                                     text_encoder_placement)
+                                     load_text_encoder, text_encoder_dtype, text_encoder_placement)
+from memflow_nb.weights.text_file import read_text_encoder_file
 
 # umT5-XXL's layout (24 blocks, ffn = 2.5 x dim, 32 buckets) at a width that writes in milliseconds.
 SMALL = T5Config(vocab=512, dim=128, dim_attn=128, dim_ffn=320, num_heads=4, num_layers=24, num_buckets=32)

@@ -16,7 +16,8 @@ from .dit import infer_dit_config, load_dit, merge_lora
 from .download import REPOS, WeightPaths, fetch_tae, fetch_weights, hf_download_command
 from .errors import CheckpointError, KeyMismatch, UnsafeCheckpoint, WeightsCorrupt, WeightsNotFound
 from .files import read_checkpoint
-from .text import infer_t5_config, load_text_encoder
+from .text import load_text_encoder
+from .text_file import infer_t5_config
 
 __all__ = ["CheckpointError", "WeightsNotFound", "WeightsCorrupt", "UnsafeCheckpoint", "KeyMismatch",
            "read_checkpoint", "meta_shapes", "check_state_dict", "build_assigned", "recipe_weights",
