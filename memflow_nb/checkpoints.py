@@ -187,5 +187,11 @@ class Checkpoints:
         span = "none" if not kept else f"chunks {kept[0]}" + (f", {kept[1]}..{kept[-1]}" if len(kept) > 1 else "")
         cap = "no limit" if self.max_count is None else f"at most {self.max_count} besides chunk 0's"
         where = "on the model's device" if self.device is None else f"on {self.device}"
+        # Never waits (a repr in a notebook must not block): copies still running are counted apart.
+        pending = [k for k, v in self._store.items() if isinstance(v, Future) and not v.done()]
+        failed = [k for k, v in self._store.items() if isinstance(v, Future) and v.done() and v.exception()]
+        ready = [k for k in kept if k not in pending and k not in failed]
+        size = tensor_bytes(t for k in ready for t in self._get(k).tensors()) / 2 ** 20
+        more = (f", {len(pending)} still copying" if pending else "") + (f", {len(failed)} failed" if failed else "")
         return (f"Checkpoints(every {self.every} chunk{'s' * (self.every != 1)}, {cap}, {where}: "
-                f"{len(kept)} kept, {span}, {self.nbytes() / 2 ** 20:.1f} MiB)")
+                f"{len(kept)} kept, {span}, {size:.1f} MiB{more})")

@@ -129,13 +129,14 @@ def test_host_copies_run_in_the_background_and_are_waited_for_where_needed(pipe,
     store = Checkpoints(every=1, device="cpu")
     for ch in chunks[:2]:
         store.add(ch.checkpoint())  # returns while the copy waits
-    assert store.chunks() == [1, 2] and len(store) == 2
+    assert store.chunks() == [1, 2] and len(store) == 2 and "2 still copying" in repr(store)  # repr never waits
     release.set()
     got = store.nearest(1)
     assert got.chunk == 1 and threads[0].startswith("memflow-checkpoint")
     assert torch.equal(got.state.history, chunks[0].state.history)
     with pytest.raises(RuntimeError, match="pinned memory"):
         store.nearest(2)
+    assert "1 failed" in repr(store)
 
 
 def test_video_files_roundtrip(tmp_path):
