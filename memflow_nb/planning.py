@@ -5,7 +5,7 @@
     print(p)                      # a short table, and the fixes when it does not fit
     memflow_nb.plan()             # this machine, MemFlow's size 480x832
 
-Sizes come from `memflow_nb.footprint` (formulas over the configs). Peaks are taken per phase,
+Sizes come from `memflow_nb.footprint` (formulas over the configs), as rows of `memflow_nb.plan_rows`. Peaks are taken per phase,
 since the big transients never overlap: a chunk (attention workspace and the chunk's keys and
 values), the VAE decode, a prompt switch (the KV re-cache), and text encoding. The resident
 pieces (weights, the stream state and the VAE's decode state that a stream holds between chunks)
@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import Iterator, Optional, Union
 
 import torch
 
@@ -24,10 +24,10 @@ from . import footprint as fp
 from .engine.config import StreamConfig, latent_size
 from .fast.fp8 import FP8_CAPABILITY
 from .hardware import GB, PRESETS, Hardware
+from .plan_rows import Component, Job, Knobs, components, short_dtype
 from .precision import DtypeLike, resolve_dtype
 
 DEFAULT_SIZES = {"memflow": (480, 832), "tiny": (64, 112)}  # as Pipeline.default_size
-STREAMED_BLOCKS = 2  # a streamed text encoder holds one block running and the next one arriving
 # Memory the tensors do not account for. Described hardware (gpu_gb=...): the CUDA context with
 # cuBLAS/cuDNN (about 0.5 GB) and, on the host, Python + torch + the CUDA libraries (about 2 GB;
 # 1 GB without a GPU). Measured free memory (this machine) already excludes what exists now.
@@ -47,18 +47,6 @@ class PlanError(ValueError):
     def __init__(self, plan: "Plan"):
         super().__init__(plan.message)
         self.plan = plan
-
-
-@dataclass(frozen=True)
-class Component:
-    """One row of the plan: `bytes` on `where` ("gpu" / "host") during `phase` ("always" or one of PHASES)."""
-
-    name: str
-    where: str
-    dtype: str
-    bytes: int
-    phase: str
-    note: str = ""
 
 
 @dataclass(frozen=True)
@@ -124,8 +112,8 @@ class Plan:
         every = "every chunk" if self.checkpoints_every == 1 else f"every {self.checkpoints_every} chunks"
         room = "no limit known" if self.max_checkpoints < 0 else f"room for {self.max_checkpoints}"
         lines = [f"plan: {self.name} {self.height}x{self.width}, batch {self.batch}, on {hw.name} ({gpu}, host {host})",
-                 f"dtype {_short(self.dtype)}, fp8 DiT {'on' if self.fp8_dit else 'off'}, text encoder "
-                 f"{self.text_encoder_device} ({_short(self.text_encoder_dtype)}), VAE decode "
+                 f"dtype {short_dtype(self.dtype)}, fp8 DiT {'on' if self.fp8_dit else 'off'}, text encoder "
+                 f"{self.text_encoder_device} ({short_dtype(self.text_encoder_dtype)}), VAE decode "
                  f"{'per frame' if self.vae_per_frame else 'whole chunk'}, checkpoints {every} ({room})",
                  f"  {'component':<26}{'where':<6}{'dtype':<10}{'GB':>7}  when"]
         for c in self.components:
@@ -139,45 +127,14 @@ class Plan:
         return "\n".join(lines)
 
     def __repr__(self) -> str:
-        return (f"Plan({self.name} {self.height}x{self.width}, {self.hardware.name}, dtype={_short(self.dtype)}, "
+        return (f"Plan({self.name} {self.height}x{self.width}, {self.hardware.name}, dtype={short_dtype(self.dtype)}, "
                 f"peak_gpu={self.peak_gpu_bytes / GB:.1f} GB, peak_host={self.peak_host_bytes / GB:.1f} GB, "
                 f"fits={self.fits})")
 
 
-def _short(dtype: torch.dtype) -> str:
-    return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(dtype, str(dtype))
-
-
 # -- building a plan ----------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class _Knobs:
-    fp8_dit: bool
-    vae_per_frame: bool
-    text_encoder_device: str
-    text_encoder_dtype: torch.dtype
-    checkpoints_gb: Union[str, float]
-
-
-@dataclass(frozen=True)
-class _Job:
-    """Everything but the knobs: what runs, at which size, on what."""
-
-    name: str
-    cfgs: tuple
-    stream: StreamConfig
-    height: int
-    width: int
-    batch: int
-    hardware: Hardware
-    device: str
-    dtype: torch.dtype
-    text_dtype: DtypeLike
-    seconds: Optional[float]
-    prompt_switches: bool
-
-
-def _text_dtypes(job: _Job, placement: str) -> tuple[torch.dtype, ...]:
+def _text_dtypes(job: Job, placement: str) -> tuple[torch.dtype, ...]:
     """Text-encoder dtypes to try: on the GPU the compute dtype; on the CPU float32 (fast where bf16
     is emulated) and, if that does not fit, bf16 (half of umT5-XXL's 22.7 GB)."""
     if job.text_dtype is None or job.text_dtype == "auto":
@@ -186,62 +143,11 @@ def _text_dtypes(job: _Job, placement: str) -> tuple[torch.dtype, ...]:
     return (resolve_dtype(job.text_dtype, runs_on, job.hardware.capability, name="text_encoder_dtype"),)
 
 
-def _text_choices(job: _Job, placements) -> list[tuple[str, torch.dtype]]:
+def _text_choices(job: Job, placements) -> list[tuple[str, torch.dtype]]:
     """(placement, dtype) pairs in the order tried, float32 ones first: on a CPU one block at a time
     in float32 beats a whole copy in emulated bf16 (USERS.md)."""
     pairs = [(t, d) for t in placements for d in _text_dtypes(job, t)]
     return sorted(pairs, key=lambda pair: pair[1] != torch.float32)
-
-
-def _components(job: _Job, k: _Knobs) -> tuple[list[Component], int, int]:
-    """(rows without the runtime reserves, bytes of one checkpoint, checkpoints every n chunks)."""
-    cfg, t5, vae = job.cfgs
-    sc, b, e = job.stream, job.batch, job.dtype.itemsize
-    lat = latent_size(job.height, job.width)
-    on, dt = ("gpu" if job.device == "cuda" else "host"), _short(job.dtype)
-    te, tname = k.text_encoder_dtype.itemsize, _short(k.text_encoder_dtype)
-    rows = [Component("DiT weights", on, f"fp8+{dt}" if k.fp8_dit else dt, fp.dit_weight_bytes(cfg, e, k.fp8_dit),
-                      "always", "LoRA merged" if job.name == "memflow" else "")]
-    weights = fp.text_encoder_params(t5) * te
-    encode = fp.text_encode_bytes(t5, b, cfg.text_len, te)
-    if k.text_encoder_device == "streamed" and job.device != "cuda":
-        block = fp.text_block_bytes(t5, te)
-        rows.append(Component("text encoder (streamed)", "host", tname, block + encode, "encode",
-                              f"1 of {t5.num_layers} blocks at a time from the file, of {weights / GB:.1f} GB"))
-    elif k.text_encoder_device == "streamed":
-        block = fp.text_block_bytes(t5, te)
-        rows += [Component("text encoder (streamed)", "gpu", tname, STREAMED_BLOCKS * block + encode, "encode",
-                           f"{STREAMED_BLOCKS} of {t5.num_layers} blocks at a time, of {weights / GB:.1f} GB"),
-                 Component("text encoder staging", "host", tname, block, "encode", "one block from the file")]
-    else:
-        where = "gpu" if k.text_encoder_device == "gpu" else "host"
-        rows += [Component("text encoder", where, tname, weights, "always"),
-                 Component("text encoding", where, tname, encode, "encode")]
-    vcache = fp.vae_cache_bytes(vae, lat, b, e)
-    ch = fp.chunk_bytes(cfg, sc, lat, b, e)
-    rows += [
-        Component("VAE weights", on, dt, fp.vae_weight_bytes(vae, e), "always"),
-        Component("VAE decode state", on, dt, vcache, "always", "conv caches kept between chunks"),
-        Component("VAE decode workspace", on, dt, fp.vae_decode_bytes(
-            vae, lat, b, e, sc.chunk_frames, k.vae_per_frame, job.device),
-                  "decode", "frame by frame" if k.vae_per_frame else f"{sc.chunk_frames} latent frames at once"),
-        Component("stream state", on, dt, fp.stream_state_bytes(cfg, sc, lat, b, e), "always",
-                  "cache, bank, text K/V"),
-        Component("attention workspace", on, dt, ch["workspace"], "chunk", f"{fp.workspace_frames(sc)} key frames"),
-        Component("chunk keys/values", on, dt, ch["new_kv"] + ch["compress"] + ch["latents"], "chunk",
-                  "new K/V, bank copies"),
-    ]
-    if job.prompt_switches:
-        rows.append(Component("prompt switch", on, dt, fp.switch_bytes(cfg, sc, lat, b, e),
-                              "prompt switch", f"re-cache of {sc.local_attn_size} frames"))
-    if job.seconds:
-        from .video import FPS
-
-        frames = int(job.seconds * FPS) * b * job.height * job.width * 3
-        rows.append(Component("video frames", "host", "uint8", 2 * frames, "always",
-                              f"{job.seconds:g} s kept by generate_video, twice while joined"))
-    copied = job.device == "cuda"  # Checkpoints.auto: every 8th chunk, copied to the host, on a GPU
-    return rows, fp.checkpoint_bytes(cfg, sc, lat, b, e, vcache, copied), (8 if copied else 1)
 
 
 def _peak(rows: list[Component], where: str) -> tuple[int, str]:
@@ -251,9 +157,9 @@ def _peak(rows: list[Component], where: str) -> tuple[int, str]:
     return totals[phase], (phase if totals[phase] > always else "always")
 
 
-def _build(job: _Job, k: _Knobs) -> Plan:
+def _build(job: Job, k: Knobs) -> Plan:
     hw = job.hardware
-    rows, ckpt, every = _components(job, k)
+    rows, ckpt, every = components(job, k)
     kind = "measured" if hw.measured else "described"
     rows.append(Component("runtime", "host", "-", int(HOST_RUNTIME[kind if job.device == "cuda" else "cpu"]),
                           "always", "Python, torch, CUDA libraries"))
@@ -267,7 +173,7 @@ def _build(job: _Job, k: _Knobs) -> Plan:
     else:
         n = int(float(k.checkpoints_gb) * GB // ckpt)
     if n:
-        rows.append(Component("checkpoints", "host", _short(job.dtype), n * ckpt, "always",
+        rows.append(Component("checkpoints", "host", short_dtype(job.dtype), n * ckpt, "always",
                               f"{n} x {ckpt / GB:.2f} GB, " + ("every chunk" if every == 1 else f"every {every} chunks")))
     gpu, gpu_phase = _peak(rows, "gpu") if job.device == "cuda" else (0, "-")
     host, host_phase = _peak(rows, "host")
@@ -297,20 +203,20 @@ def _overage(p: Plan) -> int:
     return gpu + (max(0, p.peak_host_bytes - hw.host_bytes) if hw.host_bytes is not None else 0)
 
 
-def _choose(job: _Job, options: dict) -> Plan:
+def _choose(job: Job, options: dict) -> Plan:
     """The first plan that fits, trying the knobs left on "auto" from least to most change (text
     encoder streamed, then per-frame VAE decode, then fp8 weights); else the one least over."""
     best = None
     texts = _text_choices(job, options["text_encoder_device"])
     for fp8, per_frame, (text, text_dtype) in itertools.product(options["fp8_dit"], options["vae_per_frame"], texts):
-        p = _build(job, _Knobs(fp8, per_frame, text, text_dtype, options["checkpoints_gb"]))
+        p = _build(job, Knobs(fp8, per_frame, text, text_dtype, options["checkpoints_gb"]))
         if p.fits:
             return p
         best = p if best is None or _overage(p) < _overage(best) else best
     return best
 
 
-def _options(job: _Job, fp8_dit, vae_per_frame, text_encoder_device, checkpoints_gb) -> dict:
+def _options(job: Job, fp8_dit, vae_per_frame, text_encoder_device, checkpoints_gb) -> dict:
     hw, cuda = job.hardware, job.device == "cuda"
     fp8_ok = cuda and tuple(hw.capability) >= FP8_CAPABILITY
     if fp8_dit is True and not fp8_ok:
@@ -331,7 +237,14 @@ def _options(job: _Job, fp8_dit, vae_per_frame, text_encoder_device, checkpoints
             "checkpoints_gb": checkpoints_gb}
 
 
-def _fixes(job: _Job, options: dict, p: Plan) -> tuple[str, ...]:
+def smaller_sizes(height: int, width: int) -> Iterator[tuple[int, int]]:
+    """(height, width) of the same shape below height x width, largest first: height in steps of 16
+    pixels, width rounded to a multiple of 16."""
+    for h in range(height - 16, 15, -16):
+        yield h, max(16, round(width * h / height / 16) * 16)
+
+
+def _fixes(job: Job, options: dict, p: Plan) -> tuple[str, ...]:
     """What would make `p` fit (or come closer), each with the peaks it gives."""
     def says(label, q):
         verdict = "fits" if q.fits else f"still {_overage(q) / GB:.1f} GB over"
@@ -354,8 +267,7 @@ def _fixes(job: _Job, options: dict, p: Plan) -> tuple[str, ...]:
         if getattr(job, key) != value and _overage(q) < _overage(p):
             out.append(says(f"{key}={value}" + (" (one prompt, no re-cache)" if key == "prompt_switches" else ""), q))
     q = p
-    for h in range(job.height - 16, 15, -16):  # the largest smaller size of the same shape that fits
-        w = max(16, round(job.width * h / job.height / 16) * 16)
+    for h, w in smaller_sizes(job.height, job.width):  # the largest that fits
         q = _choose(dataclasses.replace(job, height=h, width=w), options)
         if q.fits:
             out.append(says(f"height={h}, width={w}", q))
@@ -404,7 +316,7 @@ def plan(name: str = "memflow", *, height: Optional[int] = None, width: Optional
     latent_size(height, width)  # validates the size
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise ValueError(f"batch={batch!r} must be a positive integer")
-    job = _Job(name, tuple(configs) if configs is not None else fp.configs(name), stream or StreamConfig(), height, width, batch, hardware, dev,
+    job = Job(name, tuple(configs) if configs is not None else fp.configs(name), stream or StreamConfig(), height, width, batch, hardware, dev,
                resolve_dtype(dtype, dev, hardware.capability), text_encoder_dtype, seconds, bool(prompt_switches))
     options = _options(job, fp8_dit, vae_per_frame, text_encoder_device, checkpoints_gb)
     p = _choose(job, options)
@@ -426,8 +338,7 @@ def plan_for_load(name: str, device: Union[str, torch.device, None], dtype: Dtyp
     if not p.fits and knobs.get("height") is None and knobs.get("width") is None:
         # No size was asked for: take the largest of the default's shape that fits (a T4 gets
         # 448x784 rather than a refusal); `load` says so, and pipe.default_size follows it.
-        for h in range(p.height - 16, 15, -16):
-            w = max(16, round(p.width * h / p.height / 16) * 16)
+        for h, w in smaller_sizes(p.height, p.width):
             q = plan(name, device=device, dtype=dtype, **{**knobs, "height": h, "width": w})
             if q.fits:
                 return q
