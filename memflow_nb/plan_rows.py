@@ -19,7 +19,7 @@ STREAMED_BLOCKS = 2  # a streamed text encoder holds one block running and the n
 
 @dataclass(frozen=True)
 class Component:
-    """One row of the plan: `bytes` on `where` ("gpu" / "host") during `phase` ("always" or one of PHASES)."""
+    """One row of the plan: `bytes` on `where` ("gpu" / "host") during `phase` ("always" or one of `planning.PHASES`)."""
 
     name: str
     where: str
